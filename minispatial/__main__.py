@@ -1,0 +1,5 @@
+import sys
+
+from minispatial.cli import main
+
+sys.exit(main())

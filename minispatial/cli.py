@@ -1,0 +1,48 @@
+"""The `minispatial` console script: a thin dispatcher to each module's own `main(argv)`.
+
+Every subcommand lives in the module that implements it and builds its own argparse parser,
+so `minispatial <cmd> --help` documents every option of <cmd>. Modules are imported lazily,
+so `minispatial data` does not pay for compiling numba kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line description)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("minispatial.data", "main", "build the 1D image-text testbed and print a summary"),
+    "train": ("minispatial.train", "main", "train a dual encoder (presets: paper-left, paper-leftright)"),
+    "eval": ("minispatial.evaluate", "main", "recompute every evaluation metric from a checkpoint"),
+    "sweep": ("minispatial.sweep", "main", "run a grid of trainings over seeds and collect results.csv"),
+    "analyze": ("minispatial.analysis", "main", "attention-logit decomposition, horizontal gradient, ablations"),
+    "gradcheck": ("minispatial.gradcheck", "main", "finite-difference check of every op and parameter"),
+    "bench": ("minispatial.bench", "main", "time a training step (both backends, optionally PyTorch)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: minispatial <command> [options]   (minispatial <command> --help for details)", "", "commands:"]
+    for name, (_, _, desc) in COMMANDS.items():
+        lines.append(f"  {name:<10} {desc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"minispatial: unknown command {cmd!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    fn = getattr(importlib.import_module(module), func)
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
