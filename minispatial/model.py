@@ -1,0 +1,350 @@
+"""The dual encoder: a vision tower and a text tower, attention-only by default, CLIP loss on top.
+
+Legend: B batch, T tokens, D d_model, H heads, Dh d_head, V vocabulary, E feature width,
+L image length (pixels), Tt text length.
+
+    vision:  X = [class_embedding ; W_E[pixels] * s] + W_pos     (CLS prepended, T = 1 + L)
+             x = X; for each block: x = x + attn(ln1(x)) [+ mlp(ln2(x))]; pooled = x[:, 0]   (CLS)
+    text:    X = W_E[tokens] * s + W_pos                          (causal mask, T = Tt)
+             same blocks; pooled = x[b, eot[b]]                    (EOT)
+    both:    feature = l2norm(pooled [@ W_proj]);  loss = CLIP(img, txt, logit_scale)
+
+`s` is the embedding scale (1, or sqrt(D) as in the authors' base code). LayerNorm (ln1, ln2,
+ln_final) and the MLP exist as options, off by default (the paper's main model has neither).
+
+Parameters are one flat dict with TransformerLens-style names, e.g. `vision.W_E`,
+`vision.W_pos`, `vision.class_embedding`, `vision.blocks.0.attn.W_Q` [H, D, Dh],
+`text.blocks.0.attn.b_K` [H, Dh], `text.W_proj` [D, E], `logit_scale` (0-d).
+Hook names (for `record` / `hooks`) follow TransformerLens too, with the tower prefixed:
+`vision.hook_embed` [B, T, D] (token part, CLS row included), `vision.hook_pos_embed` [T, D],
+`vision.blocks.0.hook_resid_pre`, `vision.blocks.0.attn.hook_q|k|v` [B, T, H, Dh],
+`vision.blocks.0.attn.hook_attn_scores` / `hook_pattern` [B, H, Tq, Tk],
+`vision.blocks.0.attn.hook_z`, `vision.blocks.0.hook_attn_out`, `vision.blocks.0.hook_resid_post`,
+`vision.blocks.0.ln1.hook_scale` (1/std, when LayerNorm is on), `vision.hook_pooled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from minispatial import ops
+
+INITS = ("torch", "clip")
+EMBED_SCALES = ("none", "sqrt_d")
+DTYPES = ("float32", "float64")
+TOWERS = ("vision", "text")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of the dual encoder. Defaults are the paper's model (PAPER.md §3).
+
+    The last four fields are derived from the testbed (`RunConfig` fills them in)."""
+
+    d_model: int = 128            # D
+    n_heads: int = 4              # H
+    d_head: int = 32              # Dh
+    vision_layers: int = 1
+    text_layers: int = 1          # 2 for left+right captions (paper)
+    layernorm: bool = False       # paper appendix option: pre-LN blocks + ln_final
+    mlp: bool = False             # paper appendix option: GELU MLP after attention
+    d_mlp: int = 512              # F, MLP hidden width
+    proj_dim: int = 0             # E; 0 = no projection after pooling (feature = pooled row)
+    embed_scale: str = "none"     # "sqrt_d": token embeddings times sqrt(D) (authors' base code)
+    init: str = "torch"           # "torch": PyTorch defaults; "clip": OpenAI CLIP's scheme
+    logit_scale_init: float = math.log(1 / 0.07)
+    dtype: str = "float32"
+    vision_vocab: int = 21        # pixel values 0..n_labels (0 = background)
+    text_vocab: int = 30          # PAD, EOT, 8 template words, n_labels labels
+    vision_ctx: int = 11          # 1 (CLS) + image_len
+    text_ctx: int = 8             # longest caption (7 words) + EOT
+
+    def __post_init__(self):
+        ints = {"d_model": 1, "n_heads": 1, "d_head": 1, "vision_layers": 1, "text_layers": 1,
+                "d_mlp": 1, "proj_dim": 0, "vision_vocab": 2, "text_vocab": 2, "vision_ctx": 2,
+                "text_ctx": 2}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"ModelConfig.{name}={v!r} is invalid: must be an int >= {lo}")
+        for name in ("layernorm", "mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: must be true or false")
+        for name, allowed in (("embed_scale", EMBED_SCALES), ("init", INITS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: must be one of {allowed}")
+        v = self.logit_scale_init
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= math.log(100.0)):
+            raise ValueError(f"ModelConfig.logit_scale_init={v!r} is invalid: must be a number in [0, ln 100]")
+
+    def layers(self, tower: str) -> int:
+        return self.vision_layers if tower == "vision" else self.text_layers
+
+
+# --------------------------------------------------------------------------------------------
+# parameters
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in a fixed order (checkpoints and optimizers use it)."""
+    D, H, Dh, F = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tower in TOWERS:
+        vocab = cfg.vision_vocab if tower == "vision" else cfg.text_vocab
+        ctx = cfg.vision_ctx if tower == "vision" else cfg.text_ctx
+        shapes[f"{tower}.W_E"] = (vocab, D)
+        if tower == "vision":
+            shapes["vision.class_embedding"] = (D,)
+        shapes[f"{tower}.W_pos"] = (ctx, D)
+        for l in range(cfg.layers(tower)):
+            b = f"{tower}.blocks.{l}"
+            if cfg.layernorm:
+                shapes[f"{b}.ln1.w"] = (D,)
+                shapes[f"{b}.ln1.b"] = (D,)
+            for n in ("Q", "K", "V"):
+                shapes[f"{b}.attn.W_{n}"] = (H, D, Dh)
+                shapes[f"{b}.attn.b_{n}"] = (H, Dh)
+            shapes[f"{b}.attn.W_O"] = (H, Dh, D)
+            shapes[f"{b}.attn.b_O"] = (D,)
+            if cfg.mlp:
+                if cfg.layernorm:
+                    shapes[f"{b}.ln2.w"] = (D,)
+                    shapes[f"{b}.ln2.b"] = (D,)
+                shapes[f"{b}.mlp.W_in"] = (D, F)
+                shapes[f"{b}.mlp.b_in"] = (F,)
+                shapes[f"{b}.mlp.W_out"] = (F, D)
+                shapes[f"{b}.mlp.b_out"] = (D,)
+        if cfg.layernorm:
+            shapes[f"{tower}.ln_final.w"] = (D,)
+            shapes[f"{tower}.ln_final.b"] = (D,)
+        if cfg.proj_dim:
+            shapes[f"{tower}.W_proj"] = (D, cfg.proj_dim)
+    shapes["logit_scale"] = ()
+    return shapes
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Fresh parameters. Two documented schemes (`cfg.init`):
+
+    "torch" (default; the authors' base code used PyTorch defaults): embeddings (W_E, W_pos,
+        class_embedding) ~ N(0, 1) like nn.Embedding; every linear weight and bias (attention
+        Q/K/V/O, MLP, projection) ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) like nn.Linear;
+        LayerNorm w = 1, b = 0.
+    "clip" (OpenAI CLIP): W_E ~ N(0, 0.02), W_pos ~ N(0, 0.01), class_embedding ~ N(0, D^-1/2),
+        W_Q/W_K/W_V ~ N(0, D^-1/2), W_O ~ N(0, D^-1/2 (2 L)^-1/2), MLP W_in ~ N(0, (2D)^-1/2),
+        W_out ~ N(0, D^-1/2 (2 L)^-1/2), W_proj ~ N(0, D^-1/2), biases 0.
+    logit_scale = cfg.logit_scale_init (ln(1/0.07) by default). Deterministic given seed.
+    """
+    dt = np.dtype(cfg.dtype)
+    rng = np.random.default_rng(seed)
+    D = cfg.d_model
+    params: dict[str, np.ndarray] = {}
+    for name, shape in param_shapes(cfg).items():
+        leaf = name.rsplit(".", 1)[-1]
+        tower = name.split(".", 1)[0]
+        if name == "logit_scale":
+            arr = np.array(cfg.logit_scale_init)
+        elif leaf in ("w",):
+            arr = np.ones(shape)
+        elif leaf == "b":
+            arr = np.zeros(shape)
+        elif cfg.init == "torch":
+            if leaf in ("W_E", "W_pos", "class_embedding"):
+                arr = rng.standard_normal(shape)
+            else:
+                fan_in = {"W_O": cfg.n_heads * cfg.d_head, "b_O": cfg.n_heads * cfg.d_head,
+                          "W_out": cfg.d_mlp, "b_out": cfg.d_mlp}.get(leaf, D)
+                bound = 1.0 / math.sqrt(fan_in)
+                arr = rng.uniform(-bound, bound, size=shape)
+        else:  # clip
+            n_layers = cfg.layers(tower) if tower in TOWERS else 1
+            std = {"W_E": 0.02, "W_pos": 0.01, "class_embedding": D ** -0.5,
+                   "W_Q": D ** -0.5, "W_K": D ** -0.5, "W_V": D ** -0.5,
+                   "W_O": D ** -0.5 * (2 * n_layers) ** -0.5, "W_in": (2 * D) ** -0.5,
+                   "W_out": D ** -0.5 * (2 * n_layers) ** -0.5, "W_proj": D ** -0.5}.get(leaf)
+            arr = np.zeros(shape) if std is None else rng.normal(0.0, std, size=shape)
+        params[name] = np.array(arr, dtype=dt, order="C")  # (ascontiguousarray would make 0-d 1-d)
+    return params
+
+
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Every expected tensor present with the right shape and dtype; nothing extra."""
+    shapes = param_shapes(cfg)
+    missing = [n for n in shapes if n not in params]
+    extra = [n for n in params if n not in shapes]
+    if missing or extra:
+        raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
+    for n, s in shapes.items():
+        a = params[n]
+        if not isinstance(a, np.ndarray) or a.shape != s or a.dtype != np.dtype(cfg.dtype):
+            got = (a.shape, a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"param {n} is {got}: expected shape {s} dtype {cfg.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# one tower: forward and backward side by side
+
+def _embed_scale(cfg: ModelConfig) -> float:
+    return math.sqrt(cfg.d_model) if cfg.embed_scale == "sqrt_d" else 1.0
+
+
+def _attn_params(params: dict, block: str) -> dict:
+    return {n: params[f"{block}.attn.{n}"] for n in ops.ATTN_PARAMS}
+
+
+def _hook(hooks, record, name, value):
+    return ops._run_hook(hooks, record, name, value)
+
+
+def tower_forward(params: dict, tower: str, ids, pool_idx, cfg: ModelConfig, hooks=None, record=None):
+    # ids [B, L] pixels (vision) or [B, Tt] tokens (text), pool_idx [B] -> feat [B, E], cache
+    # (feat is L2-normalised; E = proj_dim, or D without projection)
+    s = _embed_scale(cfg)
+    causal = tower == "text"
+    caches = {}
+    tok, caches["embed"] = ops.embedding_forward(params[f"{tower}.W_E"], ids)   # [B, Tx, D]
+    if s != 1.0:
+        tok = tok * s
+    if tower == "vision":
+        tok, _ = ops.prepend_cls_forward(tok, params["vision.class_embedding"])  # [B, 1+L, D]
+    T = tok.shape[1]
+    if T > params[f"{tower}.W_pos"].shape[0]:
+        raise ValueError(f"{tower} input has {T} positions but the model's context is "
+                         f"{params[f'{tower}.W_pos'].shape[0]}")
+    tok = _hook(hooks, record, f"{tower}.hook_embed", tok)
+    pos = _hook(hooks, record, f"{tower}.hook_pos_embed", params[f"{tower}.W_pos"][:T])
+    x = tok + pos                                                                 # [B, T, D]
+    for l in range(cfg.layers(tower)):
+        b = f"{tower}.blocks.{l}"
+        x = _hook(hooks, record, f"{b}.hook_resid_pre", x)
+        h = x
+        if cfg.layernorm:
+            h, caches[f"{b}.ln1"] = ops.layernorm_forward(x, params[f"{b}.ln1.w"], params[f"{b}.ln1.b"])
+            _hook(None, record, f"{b}.ln1.hook_scale", caches[f"{b}.ln1"][1])
+        a, caches[f"{b}.attn"] = ops.attention_forward(h, _attn_params(params, b), causal,
+                                                       hooks=hooks, record=record, prefix=f"{b}.attn.")
+        a = _hook(hooks, record, f"{b}.hook_attn_out", a)
+        x = x + a                                                                 # residual
+        if cfg.mlp:
+            h = x
+            if cfg.layernorm:
+                h, caches[f"{b}.ln2"] = ops.layernorm_forward(x, params[f"{b}.ln2.w"], params[f"{b}.ln2.b"])
+            m, caches[f"{b}.mlp"] = ops.mlp_forward(h, params[f"{b}.mlp.W_in"], params[f"{b}.mlp.b_in"],
+                                                    params[f"{b}.mlp.W_out"], params[f"{b}.mlp.b_out"])
+            x = x + m
+        x = _hook(hooks, record, f"{b}.hook_resid_post", x)
+    if cfg.layernorm:
+        x, caches["ln_final"] = ops.layernorm_forward(x, params[f"{tower}.ln_final.w"],
+                                                      params[f"{tower}.ln_final.b"])
+    pooled, caches["pool"] = ops.pool_forward(x, pool_idx)                       # [B, D]
+    pooled = _hook(hooks, record, f"{tower}.hook_pooled", pooled)
+    if cfg.proj_dim:
+        pooled, caches["proj"] = ops.linear_forward(pooled, params[f"{tower}.W_proj"])  # [B, E]
+    feat, caches["l2"] = ops.l2norm_forward(pooled)
+    return feat, (tower, s, caches)
+
+
+def tower_backward(dfeat, cache, params: dict, cfg: ModelConfig) -> dict:
+    # dfeat [B, E] -> grads {name: array} for this tower's parameters
+    tower, s, caches = cache
+    g: dict[str, np.ndarray] = {}
+    d = ops.l2norm_backward(dfeat, caches["l2"])                       # inverts feat = l2norm(pooled)
+    if cfg.proj_dim:
+        d, g[f"{tower}.W_proj"], _ = ops.linear_backward(d, caches["proj"])  # inverts pooled @ W_proj
+    dx = ops.pool_backward(d, caches["pool"])                          # inverts pooled = x[:, idx]
+    if cfg.layernorm:
+        dx, g[f"{tower}.ln_final.w"], g[f"{tower}.ln_final.b"] = ops.layernorm_backward(dx, caches["ln_final"])
+    for l in reversed(range(cfg.layers(tower))):
+        b = f"{tower}.blocks.{l}"
+        if cfg.mlp:                                                    # inverts x = x + mlp(ln2(x))
+            dh, *gm = ops.mlp_backward(dx, caches[f"{b}.mlp"])
+            for n, gv in zip(("W_in", "b_in", "W_out", "b_out"), gm):
+                g[f"{b}.mlp.{n}"] = gv
+            if cfg.layernorm:
+                dh, g[f"{b}.ln2.w"], g[f"{b}.ln2.b"] = ops.layernorm_backward(dh, caches[f"{b}.ln2"])
+            dx = dx + dh
+        # inverts x = x + attn(ln1(x))
+        dh, ga = ops.attention_backward(dx, caches[f"{b}.attn"], _attn_params(params, b))
+        for n, gv in ga.items():
+            g[f"{b}.attn.{n}"] = gv
+        if cfg.layernorm:
+            dh, g[f"{b}.ln1.w"], g[f"{b}.ln1.b"] = ops.layernorm_backward(dh, caches[f"{b}.ln1"])
+        dx = dx + dh
+    # inverts X = tok + W_pos[:T]
+    dx, g[f"{tower}.W_pos"] = ops.pos_embedding_backward(dx, (dx.shape[1], params[f"{tower}.W_pos"].shape[0]))
+    if tower == "vision":                                              # inverts CLS prepend
+        dx, g["vision.class_embedding"] = ops.prepend_cls_backward(dx, None)
+    if s != 1.0:                                                       # inverts tok = W_E[ids] * s
+        dx = dx * s
+    g[f"{tower}.W_E"] = ops.embedding_backward(dx, caches["embed"])
+    return g
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+def _check_inputs(images, tokens, eot, cfg: ModelConfig) -> None:
+    if images is not None:
+        ops.check_array("images", images, ndim=2)
+        if images.shape[1] + 1 != cfg.vision_ctx:
+            raise ValueError(f"images have length {images.shape[1]}: the model expects "
+                             f"{cfg.vision_ctx - 1} pixels (vision_ctx = 1 + image_len)")
+    if tokens is not None:
+        ops.check_array("tokens", tokens, ndim=2)
+        if tokens.shape[1] > cfg.text_ctx:
+            raise ValueError(f"tokens have length {tokens.shape[1]}: at most {cfg.text_ctx} allowed")
+        ops.check_array("eot", eot, shape=(tokens.shape[0],))
+        ops.check_ids("eot", eot, tokens.shape[1])
+    if images is not None and tokens is not None and images.shape[0] != tokens.shape[0]:
+        raise ValueError(f"images ({images.shape[0]}) and tokens ({tokens.shape[0]}) differ in batch size")
+
+
+def encode_images(params, images, cfg: ModelConfig, hooks=None, record=None):
+    # images [B, L] int pixel values -> features [B, E], L2-normalised
+    _check_inputs(images, None, None, cfg)
+    cls_idx = np.zeros(images.shape[0], dtype=np.int64)
+    return tower_forward(params, "vision", images, cls_idx, cfg, hooks, record)[0]
+
+
+def encode_texts(params, tokens, eot, cfg: ModelConfig, hooks=None, record=None):
+    # tokens [B, Tt] int, eot [B] int -> features [B, E], L2-normalised
+    _check_inputs(None, tokens, eot, cfg)
+    return tower_forward(params, "text", tokens, eot, cfg, hooks, record)[0]
+
+
+def run_with_cache(params, images, tokens, eot, cfg: ModelConfig, hooks=None):
+    """Forward both towers recording every hook value: -> (img [B, E], txt [B, E], record)."""
+    record: dict[str, np.ndarray] = {}
+    img = encode_images(params, images, cfg, hooks, record)
+    txt = encode_texts(params, tokens, eot, cfg, hooks, record)
+    return img, txt, record
+
+
+def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig):
+    # images [B, L], tokens [B, Tt], eot [B] -> (loss float, grads {name: array like params})
+    """The symmetric CLIP loss of a batch whose i-th image matches its i-th caption, and the
+    gradient of that loss for every parameter (hand-written backward, no autograd)."""
+    _check_inputs(images, tokens, eot, cfg)
+    cls_idx = np.zeros(images.shape[0], dtype=np.int64)
+    img, cache_v = tower_forward(params, "vision", images, cls_idx, cfg)
+    txt, cache_t = tower_forward(params, "text", tokens, eot, cfg)
+    loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
+    dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
+    grads = {"logit_scale": dtau}
+    grads.update(tower_backward(dimg, cache_v, params, cfg))
+    grads.update(tower_backward(dtxt, cache_t, params, cfg))
+    return float(loss), {n: grads[n] for n in params}
+
+
+def loss_only(params, images, tokens, eot, cfg: ModelConfig) -> float:
+    """The CLIP loss without gradients (evaluation, finite differences)."""
+    img = encode_images(params, images, cfg)
+    txt = encode_texts(params, tokens, eot, cfg)
+    return float(ops.clip_loss_forward(img, txt, params["logit_scale"])[0])
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)

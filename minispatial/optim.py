@@ -1,0 +1,88 @@
+"""AdamW, the learning-rate schedule, gradient clipping and the logit-scale clamp.
+
+AdamW as in PyTorch (decoupled weight decay, Loshchilov & Hutter):
+    p <- p * (1 - lr * wd)                    (only for decayed tensors, see `decayed`)
+    m <- b1 m + (1 - b1) g
+    v <- b2 v + (1 - b2) g^2
+    p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+# weight matrices (decayed); embeddings are decayed only if asked; biases, LayerNorm and the
+# logit scale never are
+_MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_proj")
+_EMBEDDINGS = ("W_E", "W_pos", "class_embedding")
+
+
+def decayed(name: str, decay_embeddings: bool) -> bool:
+    """Is weight decay applied to the parameter called `name`?"""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in _MATRICES or (decay_embeddings and leaf in _EMBEDDINGS)
+
+
+def adamw_init(params: dict) -> dict:
+    """Optimizer state: first and second moments (zeros like each param) and the step count t."""
+    return {"t": 0,
+            "m": {n: np.zeros_like(p) for n, p in params.items()},
+            "v": {n: np.zeros_like(p) for n, p in params.items()}}
+
+
+def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, beta2: float,
+               eps: float, weight_decay: float, decay_embeddings: bool = False) -> None:
+    """One AdamW update of every parameter, in place (params and state)."""
+    state["t"] += 1
+    t = state["t"]
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    for n, p in params.items():
+        g = grads[n]
+        m, v = state["m"][n], state["v"][n]
+        if weight_decay and decayed(n, decay_embeddings):
+            p *= p.dtype.type(1.0 - lr * weight_decay)
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        denom = np.sqrt(v) / math.sqrt(bc2) + eps
+        p -= (lr / bc1) * m / denom
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, schedule: str, min_lr_frac: float) -> float:
+    """Learning rate for 0-based `step`: linear warmup over `warmup` steps, then cosine decay to
+    lr * min_lr_frac at the last step, or constant."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    lo = lr * min_lr_frac
+    return lo + 0.5 * (lr - lo) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def global_norm(grads: dict) -> float:
+    return math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+
+
+def clip_grads(grads: dict, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most max_norm (0 = off); return the norm
+    before clipping."""
+    norm = global_norm(grads)
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= g.dtype.type(scale)
+    return norm
+
+
+def clamp_logit_scale(params: dict) -> None:
+    """Keep the learned log temperature in [0, ln 100] (open_clip does this after each step,
+    outside the gradient)."""
+    ls = params["logit_scale"]
+    np.clip(ls, 0.0, LOGIT_SCALE_MAX, out=ls)
