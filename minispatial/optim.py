@@ -61,7 +61,7 @@ def lr_at(step: int, lr: float, warmup: int, steps: int, schedule: str, min_lr_f
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    progress = (step - warmup) / max(1, steps - warmup)
+    progress = (step - warmup) / max(1, steps - 1 - warmup)     # 1 at the last step, steps - 1
     lo = lr * min_lr_frac
     return lo + 0.5 * (lr - lo) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -51,11 +51,15 @@ def save_checkpoint(path: Path, cfg, params: dict, opt: dict, step: int) -> None
         arrays[f"adam_m/{n}"] = opt["m"][n]
         arrays[f"adam_v/{n}"] = opt["v"][n]
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                    # a failed write (disk full, Ctrl-C): no torn .tmp left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
@@ -128,6 +132,23 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _stopped(out: Path, last_saved: int, tc) -> str:
+    """The end of a NaN/inf error message: what is kept on disk and what to try."""
+    kept = (f"The last good checkpoint (step {last_saved}) is kept in {out / CHECKPOINT}."
+            if (out / CHECKPOINT).is_file() else
+            f"No checkpoint was written (checkpoint_every = {tc.checkpoint_every}).")
+    return f"stopped. {kept} Try a lower --lr (now {tc.lr}) or --grad_clip."
+
+
+def _check_finite(params: dict, step: int, out: Path, last_saved: int, tc) -> None:
+    """TrainingError if an update left a parameter NaN/inf (the loss of the next step would be
+    NaN, but a checkpoint written now would already hold the broken state)."""
+    bad = [n for n, p in params.items() if not np.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are "
+                            f"nan/inf after step {step}; " + _stopped(out, last_saved, tc))
+
+
 def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
           verbose: bool = True) -> dict:
     """Train one dual encoder; return the summary (also written to out/summary.json).
@@ -172,10 +193,8 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
                                          split.eot[idx], mc)
             gnorm = clip_grads(grads, tc.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                raise TrainingError(
-                    f"loss is {loss} (gradient norm {gnorm}) at step {step + 1}; stopped. "
-                    f"The last good checkpoint (step {last_saved}) is kept in {out / CHECKPOINT}. "
-                    f"Try a lower --lr (now {tc.lr}) or --grad_clip.")
+                raise TrainingError(f"loss is {loss} (gradient norm {gnorm}) at step {step + 1}; "
+                                    + _stopped(out, last_saved, tc))
             lr = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.schedule, tc.min_lr_frac)
             adamw_step(params, grads, opt, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
                        tc.decay_embeddings)
@@ -195,6 +214,7 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
             else:
                 progress.update(step, loss, n_last / max(time.perf_counter() - t_last, 1e-9))
             if done % tc.checkpoint_every == 0 and done < stop:
+                _check_finite(params, done, out, last_saved, tc)       # never save a NaN state
                 save_checkpoint(out / CHECKPOINT, cfg, params, opt, done)
                 last_saved = done
     except KeyboardInterrupt:
@@ -204,6 +224,7 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
     finally:
         mlog.close()
     progress.close()
+    _check_finite(params, stop, out, last_saved, tc)
     save_checkpoint(out / CHECKPOINT, cfg, params, opt, stop)
     if stop < tc.steps:
         return {"step": stop, "stopped_early": True}
