@@ -129,6 +129,7 @@ def scatter_add_rows(idx, src, V: int):
 
 def pos_embedding_forward(x, W_pos):
     # x [B, T, D], W_pos [T_max, D] -> out [B, T, D]
+    check_array("W_pos", W_pos, ndim=2, dtype=x.dtype)
     T = x.shape[1]
     if W_pos.shape[0] < T or W_pos.shape[1] != x.shape[2]:
         raise ValueError(f"W_pos has shape {W_pos.shape}: needs at least {T} rows of width {x.shape[2]}")
@@ -150,6 +151,7 @@ def pos_embedding_backward(dout, cache):
 def prepend_cls_forward(x, cls):
     # x [B, T, D], cls [D] -> out [B, 1+T, D]
     B, T, D = x.shape
+    check_array("cls", cls, shape=(D,), dtype=x.dtype)
     out = np.empty((B, T + 1, D), dtype=x.dtype)
     out[:, 0] = cls
     out[:, 1:] = x
@@ -173,6 +175,7 @@ def linear_forward(x, W, b=None):
         raise ValueError(f"linear: x has dtype {x.dtype} but W has dtype {W.dtype} (dtypes must match)")
     y = x.reshape(-1, W.shape[0]) @ W
     if b is not None:
+        check_array("b", b, shape=(W.shape[1],), dtype=x.dtype)
         y += b
     return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
 
@@ -193,6 +196,7 @@ def linear_backward(dy, cache):
 
 def residual_forward(x, y):
     # x [B, T, D], y [B, T, D] -> x + y [B, T, D]
+    check_array("y", y, shape=x.shape, dtype=x.dtype)
     return x + y, None
 
 
@@ -205,7 +209,8 @@ def pool_forward(x, idx):
     # x [B, T, D], idx [B] int (row to keep per batch element) -> out [B, D]
     B, T, _ = x.shape
     check_array("pool idx", idx, shape=(B,))
-    check_ids("pool idx", idx, T)
+    if idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= T)):
+        raise ValueError(f"pool idx must be integer positions in [0, {T - 1}], got {idx}")
     return x[np.arange(B), idx], (x.shape, idx)
 
 
@@ -226,6 +231,8 @@ LN_EPS = 1e-5
 
 def layernorm_forward(x, w, b):
     # x [..., D], w [D], b [D] -> y [..., D]
+    check_array("w", w, shape=(x.shape[-1],), dtype=x.dtype)
+    check_array("b", b, shape=(x.shape[-1],), dtype=x.dtype)
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
     var = (xc * xc).mean(axis=-1, keepdims=True)
@@ -475,6 +482,7 @@ def clip_loss_forward(img, txt, logit_scale):
         raise ValueError(f"clip loss: image features {img.shape} and text features {txt.shape} differ")
     if img.dtype != txt.dtype:
         raise ValueError(f"clip loss: dtypes {img.dtype} and {txt.dtype} differ")
+    check_array("logit_scale", np.asarray(logit_scale), shape=())
     s = np.exp(logit_scale)
     logits = s * (img @ txt.T)
     diag = np.diagonal(logits)
