@@ -327,6 +327,11 @@ def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss float, grads {name: array like params})
     """The symmetric CLIP loss of a batch whose i-th image matches its i-th caption, and the
     gradient of that loss for every parameter (hand-written backward, no autograd)."""
+    from minispatial import fast  # same loss and gradients, less work (minispatial/fast.py)
+    # shapes first: the numba kernels would read/write a wrong-shaped table out of bounds
+    check_params({n: np.asarray(p) for n, p in params.items()}, cfg)  # (0-d scalars are fine)
+    if fast.supports(cfg) and ops.get_backend() == "numba":
+        return fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
     _check_inputs(images, tokens, eot, cfg)
     cls_idx = np.zeros(images.shape[0], dtype=np.int64)
     img, cache_v = tower_forward(params, "vision", images, cls_idx, cfg)

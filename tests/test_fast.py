@@ -1,0 +1,226 @@
+"""The fast training step (minispatial/fast.py) against the reference (model.py + ops.py in NumPy).
+
+The reference is called explicitly (model.tower_forward / tower_backward under
+ops.use_backend("numpy")), never through model.loss_and_grads, which dispatches to the fast path.
+
+Comparison: per tensor, max |fast - ref| <= rel * max(max |ref|, floor), with floor = 1e-3
+(float64) or 1e-2 (float32) times the largest gradient entry of the whole model, i.e. an absolute
+tolerance of 1e-13 or 1e-6 times that entry. The floor is for gradients that are sums of
+cancelling terms: the key bias b_K's is exactly zero in theory (it shifts every score of a query
+row equally, which the softmax cancels), and the logit scale's or a rare token's can be tiny;
+both sides are rounding noise there (in float32, ~1e-7 relative to the other gradients).
+In float32 some gradients are ill-conditioned sums: the logit scale's is a sum of B^2 terms
+dlogits * logits that cancel (logits up to 100 in size), so a 1e-7 change of the features moves
+it by more than 1e-4 relative -- in the float32 reference as much as in the fast path. There the
+float32 test also compares both with the float64 gradient (see test_fast_equals_reference_float32).
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minispatial import fast, model, ops
+
+FLOOR = {"float64": 1e-3, "float32": 1e-2}   # times the largest gradient entry, see the docstring
+FAST = settings(max_examples=int(os.environ.get("FAST_EXAMPLES", "25")), deadline=None)
+
+
+def reference_loss_and_grads(params, images, tokens, eot, cfg):
+    # the reference step, spelled out (model.loss_and_grads minus its dispatch), all in NumPy
+    with ops.use_backend("numpy"):
+        cls_idx = np.zeros(images.shape[0], dtype=np.int64)
+        img, cache_v = model.tower_forward(params, "vision", images, cls_idx, cfg)
+        txt, cache_t = model.tower_forward(params, "text", tokens, eot, cfg)
+        loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
+        dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
+        grads = {"logit_scale": dtau}
+        grads.update(model.tower_backward(dimg, cache_v, params, cfg))
+        grads.update(model.tower_backward(dtxt, cache_t, params, cfg))
+    return float(loss), {n: grads[n] for n in params}
+
+
+def errors(got, want) -> dict:
+    # -> {name: max |got - want| / max(max |want|, floor)} for every gradient (see the docstring)
+    gmax = max(float(np.abs(g).max()) for g in want[1].values())
+    floor = max(FLOOR[str(next(iter(got[1].values())).dtype)] * gmax, 1e-300)   # gmax = 0 at B = 1
+    return {n: float(np.abs(got[1][n].astype(np.float64) - w).max()) / max(float(np.abs(w).max()), floor)
+            for n, w in want[1].items()}
+
+
+def assert_same(got, want, rel):
+    loss_a, grads_a = got
+    loss_b, grads_b = want
+    assert abs(loss_a - loss_b) <= rel * max(1.0, abs(loss_b)), (loss_a, loss_b)
+    assert list(grads_a) == list(grads_b)
+    for n in grads_b:
+        a, b = grads_a[n], grads_b[n]
+        assert a.shape == b.shape and a.dtype == b.dtype, (n, a.shape, b.shape, a.dtype, b.dtype)
+    for n, err in errors(got, want).items():
+        assert err <= rel, f"{n}: relative error {err:.3g} > {rel}"
+
+
+@st.composite
+def cases(draw, dtype="float64"):
+    """A small config (any proj_dim, embed_scale, 1-2 layers per tower), params and a batch.
+    Small vocabularies with a larger batch make repeated ids (the scatter-add) certain."""
+    D = draw(st.integers(2, 12))
+    cfg = model.ModelConfig(
+        d_model=D, n_heads=draw(st.integers(1, 3)), d_head=draw(st.integers(1, 6)),
+        vision_layers=draw(st.integers(1, 2)), text_layers=draw(st.integers(1, 2)),
+        proj_dim=draw(st.sampled_from([0, 3])), embed_scale=draw(st.sampled_from(["none", "sqrt_d"])),
+        init=draw(st.sampled_from(["torch", "clip"])), dtype=dtype,
+        vision_vocab=draw(st.integers(2, 6)), text_vocab=draw(st.integers(2, 7)),
+        vision_ctx=draw(st.integers(2, 5)), text_ctx=draw(st.integers(2, 6)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    B = draw(st.integers(1, 9))
+    Tt = draw(st.integers(1, cfg.text_ctx))                  # captions may be shorter than the context
+    params = model.init_params(cfg, seed)
+    params["logit_scale"][...] = rng.uniform(0.0, np.log(100.0))
+    images = rng.integers(0, cfg.vision_vocab, (B, cfg.vision_ctx - 1))
+    tokens = rng.integers(0, cfg.text_vocab, (B, Tt))
+    eot = rng.integers(0, Tt, B)
+    # keep distinct images and distinct captions only (as data.sample_batch does): a batch of
+    # identical pairs has all-equal logits and gradients that are rounding noise around zero
+    seen_i, seen_t, keep = set(), set(), []
+    for b in range(B):
+        ki, kt = tuple(images[b]), tuple(tokens[b, :eot[b] + 1])
+        if ki not in seen_i and kt not in seen_t:
+            seen_i.add(ki), seen_t.add(kt), keep.append(b)
+    return cfg, params, images[keep], tokens[keep], eot[keep]
+
+
+@FAST
+@given(cases("float64"))
+def test_fast_equals_reference_float64(case):
+    cfg, params, images, tokens, eot = case
+    assert_same(fast.loss_and_grads_fast(params, images, tokens, eot, cfg),
+                reference_loss_and_grads(params, images, tokens, eot, cfg), 1e-10)
+
+
+@FAST
+@given(cases("float32"))
+def test_fast_equals_reference_float32(case):
+    # float32 against float32 at 1e-4. A tensor that misses it must be as close to the exact
+    # (float64) gradient as the float32 reference gets on this problem: within 1e-4 or 10x the
+    # reference's worst error (ill-conditioned sums, see the docstring).
+    cfg, params, images, tokens, eot = case
+    got = fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
+    want = reference_loss_and_grads(params, images, tokens, eot, cfg)
+    exact = reference_loss_and_grads({n: p.astype(np.float64) for n, p in params.items()},
+                                     images, tokens, eot, dataclasses.replace(cfg, dtype="float64"))
+    err_fast, err_ref, err_exact = errors(got, want), errors(want, exact), errors(got, exact)
+    assert abs(got[0] - want[0]) <= 1e-4 * max(1.0, abs(want[0]))
+    ref_worst = max(err_ref.values())
+    for n, e in err_fast.items():
+        assert e <= 1e-4 or err_exact[n] <= max(1e-4, 10 * ref_worst), (
+            f"{n}: fast vs reference {e:.3g}; vs float64: fast {err_exact[n]:.3g}, reference {ref_worst:.3g}")
+
+
+def _paper_batch(cfg, B, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, cfg.vision_vocab, (B, cfg.vision_ctx - 1))
+    tokens = rng.integers(0, cfg.text_vocab, (B, cfg.text_ctx))
+    eot = rng.integers(0, cfg.text_ctx, B)
+    return images, tokens, eot
+
+
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-10), ("float32", 1e-4)])
+@pytest.mark.parametrize("overrides", [{}, {"text_layers": 2, "embed_scale": "sqrt_d", "proj_dim": 64}])
+def test_fast_equals_reference_paper_model(dtype, rel, overrides):
+    # the paper's model (D 128, 4 heads) at batch 64, and the left+right variant (2 text layers)
+    cfg = dataclasses.replace(model.ModelConfig(), dtype=dtype, **overrides)
+    params = model.init_params(cfg, 3)
+    images, tokens, eot = _paper_batch(cfg, 64)
+    assert_same(fast.loss_and_grads_fast(params, images, tokens, eot, cfg),
+                reference_loss_and_grads(params, images, tokens, eot, cfg), rel)
+
+
+def test_dispatch():
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=8, n_heads=2, d_head=4, dtype="float64")
+    params = model.init_params(cfg, 0)
+    batch = _paper_batch(cfg, 5)
+    with ops.use_backend("numba"):
+        got = model.loss_and_grads(params, *batch, cfg)
+    assert_same(got, fast.loss_and_grads_fast(params, *batch, cfg), 0.0)   # numba -> fast path
+    with ops.use_backend("numpy"):
+        got = model.loss_and_grads(params, *batch, cfg)
+    assert_same(got, reference_loss_and_grads(params, *batch, cfg), 0.0)  # numpy -> reference
+
+
+@pytest.mark.parametrize("option", [{"layernorm": True}, {"mlp": True, "d_mlp": 6},
+                                    {"layernorm": True, "mlp": True, "d_mlp": 6}])
+def test_unsupported_configs_fall_back(option):
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=8, n_heads=2, d_head=4, dtype="float64", **option)
+    assert not fast.supports(cfg)
+    params = model.init_params(cfg, 0)
+    batch = _paper_batch(cfg, 5)
+    with ops.use_backend("numba"):
+        got = model.loss_and_grads(params, *batch, cfg)
+    # the reference path with the numba kernels: equal to the NumPy reference up to rounding
+    assert_same(got, reference_loss_and_grads(params, *batch, cfg), 1e-10)
+    with pytest.raises(ValueError, match="layernorm and mlp"):
+        fast.loss_and_grads_fast(params, *batch, cfg)
+
+
+def test_bad_ids_are_rejected():
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=8, n_heads=2, d_head=4)
+    params = model.init_params(cfg, 0)
+    images, tokens, eot = _paper_batch(cfg, 3)
+    images[1, 2] = cfg.vision_vocab
+    with pytest.raises(ValueError, match="images contains id"):
+        fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
+    # ids are checked against the tables the kernels index, not only against the config
+    images[1, 2] = 0
+    small = {**params, "text.W_E": params["text.W_E"][:2]}
+    tokens[0, 0] = 2
+    with pytest.raises(ValueError, match="tokens contains id 2"):
+        fast.loss_and_grads_fast(small, images, tokens, eot, cfg)
+
+
+def test_directional_finite_differences_float64():
+    # every parameter tensor: <grad, u> against a central difference of the fast loss along u
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=6, n_heads=2, d_head=3, dtype="float64",
+                              vision_vocab=4, text_vocab=5, vision_ctx=4, text_ctx=4,
+                              text_layers=2, proj_dim=5, embed_scale="sqrt_d")
+    params = model.init_params(cfg, 1)
+    images, tokens, eot = _paper_batch(cfg, 6, seed=2)
+    _, grads = fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
+    rng = np.random.default_rng(0)
+    h = 1e-5
+    for n, p in params.items():
+        u = rng.standard_normal(p.shape)
+        u /= max(np.linalg.norm(u), 1e-300)
+        plus = {**params, n: p + h * u}
+        minus = {**params, n: p - h * u}
+        num = (fast.loss_and_grads_fast(plus, images, tokens, eot, cfg)[0]
+               - fast.loss_and_grads_fast(minus, images, tokens, eot, cfg)[0]) / (2 * h)
+        ana = float(np.sum(grads[n] * u))
+        assert abs(ana - num) / max(abs(ana), abs(num), 1e-5) < 1e-6, (n, ana, num)
+
+
+def test_runs_without_jit():
+    # the kernels are plain Python loops under NUMBA_DISABLE_JIT=1; same numbers as the reference
+    code = """
+import dataclasses, numpy as np
+from minispatial import fast, model
+from tests.test_fast import assert_same, reference_loss_and_grads, _paper_batch
+for layers in (1, 2):
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=4, n_heads=2, d_head=2, dtype="float64",
+                              text_layers=layers, vision_vocab=3, text_vocab=4, vision_ctx=3, text_ctx=3)
+    params = model.init_params(cfg, 0)
+    batch = _paper_batch(cfg, 3)
+    assert_same(fast.loss_and_grads_fast(params, *batch, cfg), reference_loss_and_grads(params, *batch, cfg), 1e-10)
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
