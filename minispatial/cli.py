@@ -8,7 +8,15 @@ so `minispatial data` does not pay for compiling numba kernels.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# The model's matrices are small (128 x 128): a multi-threaded BLAS gains nothing on them and, on
+# a loaded machine, can make a step many times slower. One BLAS thread per process is also what
+# makes float32 results bit-identical from run to run. Set before NumPy is imported; an explicit
+# setting in the environment wins. `minispatial bench` keeps the machine's default (it measures
+# the sgemm peak), `minispatial sweep` runs its trainings in parallel processes instead.
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 # subcommand -> (module, function, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minispatial: unknown command {cmd!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
+    if cmd != "bench":
+        for var in THREAD_VARS:
+            os.environ.setdefault(var, "1")
     module, func, _ = COMMANDS[cmd]
     fn = getattr(importlib.import_module(module), func)
     return int(fn(rest) or 0)

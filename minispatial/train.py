@@ -235,7 +235,8 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
     summary = {"step": tc.steps, "backend": ops.get_backend(), "dtype": mc.dtype}
     summary.update(evaluate_all(params, testbed, mc))
     tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    strict = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    tmp.write_text(json.dumps(strict, indent=2, sort_keys=True) + "\n")    # NaN -> null (strict JSON)
     os.replace(tmp, out / "summary.json")
     return summary
 
