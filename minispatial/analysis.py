@@ -1,9 +1,9 @@
 """Inside a trained dual encoder (PAPER.md §6): the attention-logit decomposition, the horizontal
 attention gradient, head classes, the text EOT attention, label-embedding alignment, and
-inference-time ablations of score terms.
+inference-time ablations of score terms; over several runs, their mean ± std.
 
-    minispatial analyze CHECKPOINT [--ablate EP,PP ...] [--heads 0,1,2,3] [--tower vision|text|both]
-                        [--n-images N] [--json] [--plots DIR]
+    minispatial analyze CHECKPOINT [CHECKPOINT ...] [--ablate EP,PP ...] [--heads 0,1,2,3]
+                        [--tower vision|text|both] [--n-images N] [--json] [--out FILE] [--plots DIR]
 
 Legend: B batch, T tokens, D d_model, H heads (h: a selection of them), Dh d_head, L image_len,
 n n_labels, Tq/Tk query/key positions.
@@ -79,15 +79,27 @@ Ablations
 An `Ablation` removes (subtracts) chosen score terms before the softmax, on every query row, in
 the chosen heads, layers and towers, and optionally the value path's position part ("VP":
 v = (h - P') W_V + b_V, P' the position part as in the decomposition). Nothing is retrained.
-Every metric of `evaluate.evaluate_all` is then recomputed. evaluate_all has no hook argument, so
-`ablated_encoders` swaps the encoders in `minispatial.evaluate`'s namespace for the duration of
-the call. An empty ablation runs evaluate_all untouched (so it reproduces it exactly).
+Every metric of `evaluate.evaluate_all` is then recomputed, by passing it the ablated encoders
+(`ablated_encoders`) as its `encoders` argument. An empty ablation runs evaluate_all with the
+model's own encoders (so it reproduces it exactly).
+
+Many runs
+---------
+Given several checkpoints (e.g. the seeds of a sweep: `minispatial analyze SWEEP/runs/*`), each is
+analysed as above, and `aggregate_reports` takes the mean and sample standard deviation (ddof=1)
+over the runs of: every ablation's metrics; per vision layer, CLS-row term and head, the slope,
+right_left, std_ratio, var_share and curve; the same four first reduced over the heads of each run
+(`head_mean`, `head_max`: the signed maximum) and then averaged over runs; and the number of
+relational heads per tower and layer. Heads are not matched across runs (head 0 of one seed need
+not do what head 0 of another does), so the per-head rows are a record, and the head mean and max
+are what compares between runs. Undefined values (NaN) are left out, `n` counts the runs used.
+All runs must share the model's shape (SHAPE_FIELDS) and the list of ablations. --json / --out
+then give {"runs": [one report per checkpoint], "aggregate": aggregate_reports(...)}.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -105,8 +117,8 @@ PARTS = ("E", "P", "R")
 TOWERS = ("vision", "text")
 DEFAULT_ABLATIONS = ("", "EP", "PE", "PP", "BP", "EP,VP")
 KEY_METRICS = ("val_unseen_pair.lr_acc", "val_unseen_pair.labelset_acc", "val_seen_pair.lr_acc",
-               "val_seen_pair.labelset_acc", "val_single.labelset_acc_single", "val_unseen_pair.i2t_acc",
-               "train.lr_acc")
+               "val_seen_pair.labelset_acc", "val_single.labelset_acc_single", "val_single.i2t_acc",
+               "val_unseen_pair.i2t_acc", "train.lr_acc")
 
 
 def term_names(parts=("E", "P")) -> list[str]:
@@ -328,32 +340,17 @@ def encode_ablated(params: dict, cfg, tower: str, ids, eot, ablation: Ablation, 
     return model.encode_texts(params, ids, eot, cfg, hooks=hooks, record=record)
 
 
-@contextlib.contextmanager
 def ablated_encoders(ablation: Ablation):
-    """Within the block, `minispatial.evaluate` encodes images and texts under `ablation`
-    (evaluate_all takes no hooks, so its module-level encoders are swapped and then restored)."""
-    from minispatial import evaluate
+    """The pair (encode_images_fn(params, images, cfg), encode_texts_fn(params, tokens, eot, cfg))
+    that `evaluate.evaluate_all(..., encoders=)` takes, with `ablation` applied in both towers."""
 
-    saved = evaluate.encode_images, evaluate.encode_texts
-    calls = {"vision": 0, "text": 0}          # yielded, so callers can check the swap took effect
+    def encode_images_fn(params, images, cfg):
+        return encode_ablated(params, cfg, "vision", images, None, ablation)
 
-    def encode_images(params, images, cfg, hooks=None, record=None):
-        calls["vision"] += 1
-        rec = {} if record is None else record
-        h = {**(hooks or {}), **ablation_hooks(params, cfg, "vision", ablation, rec)}
-        return model.encode_images(params, images, cfg, hooks=h, record=rec)
+    def encode_texts_fn(params, tokens, eot, cfg):
+        return encode_ablated(params, cfg, "text", tokens, eot, ablation)
 
-    def encode_texts(params, tokens, eot, cfg, hooks=None, record=None):
-        calls["text"] += 1
-        rec = {} if record is None else record
-        h = {**(hooks or {}), **ablation_hooks(params, cfg, "text", ablation, rec)}
-        return model.encode_texts(params, tokens, eot, cfg, hooks=h, record=rec)
-
-    evaluate.encode_images, evaluate.encode_texts = encode_images, encode_texts
-    try:
-        yield calls
-    finally:
-        evaluate.encode_images, evaluate.encode_texts = saved
+    return encode_images_fn, encode_texts_fn
 
 
 def evaluate_ablation(params: dict, testbed, cfg, ablation: Ablation) -> dict[str, float]:
@@ -363,13 +360,7 @@ def evaluate_ablation(params: dict, testbed, cfg, ablation: Ablation) -> dict[st
     ablation.check(cfg)
     if ablation.empty:
         return evaluate_all(params, testbed, cfg)
-    with ablated_encoders(ablation) as calls:
-        metrics = evaluate_all(params, testbed, cfg)
-    missed = [t for t in ablation.towers if calls[t] == 0]
-    if missed:   # never fail silently: the ablation would not have been applied
-        raise RuntimeError(f"evaluate_all did not call minispatial.evaluate's {missed} encoder(s), so "
-                           "the ablation could not be applied; analysis.ablated_encoders needs updating")
-    return metrics
+    return evaluate_all(params, testbed, cfg, encoders=ablated_encoders(ablation))
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,6 +635,88 @@ def analyze_checkpoint(path, ablations=DEFAULT_ABLATIONS, heads=None, tower: str
 
 
 # --------------------------------------------------------------------------------------------
+# many runs: mean ± std over checkpoints
+
+CLS_STATS = ("slope", "right_left", "std_ratio", "var_share")     # per head and CLS-row term
+SHAPE_FIELDS = ("n_heads", "vision_layers", "text_layers", "vision_ctx")
+
+
+def check_same_shape(models: list[dict], names: list[str]) -> None:
+    """ValueError unless the models (dataclasses.asdict of ModelConfig) agree on SHAPE_FIELDS."""
+    for k in SHAPE_FIELDS:
+        vals = [m[k] for m in models]
+        if len(set(vals)) > 1:
+            raise ValueError(f"cannot aggregate runs of different model shapes: model.{k} is "
+                             + ", ".join(f"{v} in {n}" for v, n in zip(vals, names)))
+
+
+def mean_std(values: list) -> dict:
+    # per-run values (numbers, or equal-length lists; None = undefined) -> {"mean", "std", "n", "values"}
+    """Mean and sample standard deviation (ddof=1) over the runs whose value is defined (not None
+    or NaN; a list counts when all its entries are): n of them. std is NaN (null in the JSON)
+    below two runs. `values` keeps every run's value, in run order."""
+    a = np.array(values, dtype=F64)                          # [runs] or [runs, L]; None -> NaN
+    a = a[np.isfinite(a).reshape(len(a), -1).all(axis=1)]
+    nan = np.full(a.shape[1:], np.nan)
+    return {"mean": (a.mean(axis=0) if len(a) else nan).tolist(),
+            "std": (a.std(axis=0, ddof=1) if len(a) > 1 else nan).tolist(),
+            "n": len(a), "values": list(values)}
+
+
+def _over_heads(entry: dict, term: str, stat: str, reduce) -> float:
+    # one run's vision layer entry -> reduce (np.mean, np.max) over heads of heads[h].terms[term][stat]
+    return float(reduce(np.array([h["terms"][term][stat] for h in entry["heads"]], dtype=F64)))
+
+
+def _n_relational(entry: dict) -> int:
+    # one run's layer entry (either tower) -> how many of its heads are classed relational
+    return sum(h["class"] == "relational" for h in entry["heads"])
+
+
+def aggregate_reports(reports: list[dict]) -> dict:
+    """Mean ± std (ddof=1) over runs of `analyze` reports of models of one shape (module
+    docstring, "Many runs"): every ablation's metrics; per vision layer, for every CLS-row term,
+    slope / right_left / std_ratio / var_share and the curve per head, and the per-run mean and max
+    over heads of the four; the number of relational heads per tower and layer. JSON-serialisable.
+    ValueError for no reports, different model shapes, or different lists of ablations."""
+    if not reports:
+        raise ValueError("aggregate_reports needs at least one report")
+    names = [r.get("checkpoint", f"report {i}") for i, r in enumerate(reports)]
+    check_same_shape([r["model"] for r in reports], names)
+    keys = [[(a["name"], a["towers"], a["heads"]) for a in r["ablations"]] for r in reports]
+    if any(k != keys[0] for k in keys):
+        raise ValueError("cannot aggregate runs analysed with different ablations: "
+                         + "; ".join(f"{n}: {[a[0] for a in k]}" for n, k in zip(names, keys)))
+    agg = {"n_runs": len(reports),
+           "runs": [{"checkpoint": n, "step": r.get("step")} for n, r in zip(names, reports)],
+           "ablations": [], "vision": []}
+    for i, first in enumerate(reports[0]["ablations"]):
+        per_run = [r["ablations"][i]["metrics"] for r in reports]
+        agg["ablations"].append({**{k: first[k] for k in ("name", "terms", "value_pos", "towers", "heads")},
+                                 "metrics": {m: mean_std([run.get(m) for run in per_run])
+                                             for m in first["metrics"]}})
+    for l, first in enumerate(reports[0]["vision"]):
+        per_run = [r["vision"][l] for r in reports]               # this layer, every run
+        terms = first["terms"]
+        heads = []
+        for h in range(len(first["heads"])):
+            stats = {t: {q: mean_std([e["heads"][h]["terms"][t][q] for e in per_run])
+                         for q in (*CLS_STATS, "curve")} for t in terms}
+            heads.append({"head": h, "terms": stats})
+        agg["vision"].append({
+            "layer": first["layer"], "terms": terms, "heads": heads,
+            "head_mean": {t: {q: mean_std([_over_heads(e, t, q, np.mean) for e in per_run]) for q in CLS_STATS}
+                          for t in terms},
+            "head_max": {t: {q: mean_std([_over_heads(e, t, q, np.max) for e in per_run]) for q in CLS_STATS}
+                         for t in terms},
+            "n_relational": mean_std([_n_relational(e) for e in per_run])})
+    agg["text"] = [{"layer": first["layer"],
+                    "n_relational": mean_std([_n_relational(r["text"][l]) for r in reports])}
+                   for l, first in enumerate(reports[0]["text"])]
+    return _clean(agg)
+
+
+# --------------------------------------------------------------------------------------------
 # printing and plots
 
 def _f(v, spec=".3f") -> str:
@@ -715,14 +788,59 @@ def format_report(res: dict) -> str:
     return "\n".join(out)
 
 
-def save_plots(res: dict, out_dir) -> list[str]:
-    """Heat maps (query x key) of every term per head and the CLS-row curves per term, as PNGs
-    in out_dir; [] (and nothing written) when matplotlib is not importable."""
+def _pm(stat: dict, spec: str = ".3f") -> str:
+    # a mean_std dict -> "mean±std" ("-" when undefined; the mean alone below two runs)
+    if stat["std"] is None:
+        return _f(stat["mean"], spec)
+    return f"{_f(stat['mean'], spec)}±{_f(stat['std'], spec.lstrip('+'))}"
+
+
+def format_aggregate(agg: dict) -> str:
+    """The aggregate_reports dict as text tables of mean±std over the runs."""
+    out = [f"{agg['n_runs']} runs: mean±std over runs (sample std, ddof=1)",
+           _table(["run", "checkpoint", "step"],
+                  [[str(i), r["checkpoint"], str(r["step"])] for i, r in enumerate(agg["runs"])])]
+    out.append("\nablations (metrics recomputed with the terms removed before softmax; VP: value "
+               "path without its position part)")
+    cols = [k for k in KEY_METRICS if any(k in ab["metrics"] for ab in agg["ablations"])]
+    rows = [[ab["name"], ",".join(ab["towers"]), "all" if ab["heads"] is None else ",".join(map(str, ab["heads"]))]
+            + [_pm(ab["metrics"][k]) if k in ab["metrics"] else "-" for k in cols] for ab in agg["ablations"]]
+    out.append(_table(["ablation", "towers", "heads"] + [k.replace("val_", "").replace("_pair", "")
+                                                        for k in cols], rows))
+    specs = dict(zip(CLS_STATS, ("+.3f", "+.3f", ".3f", "+.3f")))
+    for e in agg["vision"]:
+        out.append(f"\nvision layer {e['layer']}: CLS-row terms per head, then the mean and the max over "
+                   "the heads of each run (heads are not matched across runs)")
+        rows = []
+        for t in e["terms"]:
+            per_head = [(str(h["head"]), h["terms"][t]) for h in e["heads"]]
+            for label, stats in per_head + [("mean", e["head_mean"][t]), ("max", e["head_max"][t])]:
+                rows.append([t, label] + [_pm(stats[q], specs[q]) for q in CLS_STATS])
+        out.append(_table(["term", "head", "slope", "right-left", "std_ratio", "var_share"], rows))
+    out.append("\nrelational heads per run (head classes as in a single report)")
+    rows = [[tower, str(e["layer"]), _pm(e["n_relational"], ".2f"),
+             " ".join(str(v) for v in e["n_relational"]["values"])]
+            for tower in TOWERS for e in agg[tower]]
+    out.append(_table(["tower", "layer", "relational", "per run"], rows))
+    return "\n".join(out)
+
+
+def _pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not importable."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_plots(res: dict, out_dir) -> list[str]:
+    """Heat maps (query x key) of every term per head and the CLS-row curves per term, as PNGs
+    in out_dir; [] (and nothing written) when matplotlib is not importable."""
+    plt = _pyplot()
+    if plt is None:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -772,6 +890,61 @@ def save_plots(res: dict, out_dir) -> list[str]:
     return written
 
 
+PLOT_METRICS = ("val_unseen_pair.lr_acc", "val_unseen_pair.labelset_acc", "val_seen_pair.lr_acc",
+                "val_seen_pair.labelset_acc")
+
+
+def save_aggregate_plots(agg: dict, out_dir, term: str = "EP") -> list[str]:
+    """For an aggregate_reports dict, as PNGs in out_dir: per vision layer, the CLS-row curve of
+    `term` per head (mean over runs, a ±std band, each run in grey), and a bar chart of the
+    ablation table (mean, std as error bars). [] when matplotlib is not importable."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for e in agg["vision"]:
+        H = len(e["heads"])
+        fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.0), squeeze=False, sharey=True)
+        for h, head in enumerate(e["heads"]):
+            ax, curve = axes[0, h], head["terms"][term]["curve"]
+            mean, std = np.array(curve["mean"], dtype=F64), np.array(curve["std"], dtype=F64)
+            x = np.arange(len(mean))
+            for run in curve["values"]:
+                ax.plot(x, run, color="0.7", lw=0.8)
+            ax.fill_between(x, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color="C0", alpha=0.25)
+            ax.plot(x, mean, color="C0", marker=".")
+            ax.set_title(f"head {h}: slope {_pm(head['terms'][term]['slope'], '+.3f')}", fontsize=8)
+            ax.set_xlabel("key pixel")
+        axes[0, 0].set_ylabel(f"CLS-row {term} (label-averaged)")
+        fig.suptitle(f"vision layer {e['layer']}: {term} on the CLS row, mean ± std over "
+                     f"{agg['n_runs']} runs (grey: each run)", fontsize=9, y=1.03)
+        path = out_dir / f"vision_layer{e['layer']}_{term}_curve_runs.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(str(path))
+    abls = agg["ablations"]
+    metrics = [m for m in PLOT_METRICS if m in abls[0]["metrics"]]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(abls), 3.2))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        mean = np.array([ab["metrics"][m]["mean"] for ab in abls], dtype=F64)
+        std = np.array([ab["metrics"][m]["std"] for ab in abls], dtype=F64)
+        ax.bar(np.arange(len(abls)) + (i - (len(metrics) - 1) / 2) * width, mean, width,
+               yerr=np.nan_to_num(std), capsize=2, label=m.replace("val_", "").replace("_pair", ""))
+    ax.axhline(0.5, color="0.5", ls="--", lw=0.8)                   # chance level of lr_acc
+    ax.set_xticks(np.arange(len(abls)), [ab["name"] for ab in abls], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"ablations: mean ± std over {agg['n_runs']} runs (dashed: lr_acc chance)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    path = out_dir / "ablations_runs.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(str(path))
+    return written
+
+
 # --------------------------------------------------------------------------------------------
 # command line
 
@@ -779,8 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minispatial analyze",
                                 description="Attention-logit decomposition (EE, EP, PE, PP, BE, BP, ...), "
                                             "horizontal gradient, head classes, text EOT attention, "
-                                            "alignment and inference-time ablations of a checkpoint.")
-    p.add_argument("checkpoint", help="a checkpoint.npz, or a run directory holding one")
+                                            "alignment and inference-time ablations of a checkpoint; "
+                                            "with several checkpoints, also mean ± std over them.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="a checkpoint.npz, or a run directory holding one; several (e.g. a shell glob "
+                        "SWEEP/runs/*) are each analysed and then aggregated")
     p.add_argument("--ablate", action="append", default=None, metavar="TERMS",
                    help="a set of terms to remove, comma-separated, e.g. EP or EP,VP (repeatable; "
                         f"terms {', '.join(ALL_TERMS)}; VP = value-path position part; POS = every term "
@@ -790,35 +966,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tower the ablations apply to (default vision)")
     p.add_argument("--n-images", type=int, default=512,
                    help="two-object images for the CLS-row statistics (default 512)")
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole result as JSON (several checkpoints: "
+                        "{\"runs\": [one report each], \"aggregate\": {...}})")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write that JSON to FILE")
     p.add_argument("--plots", default=None, metavar="DIR",
-                   help="save heat maps and CLS-row curves as PNGs in DIR (needs matplotlib)")
+                   help="save PNGs in DIR (needs matplotlib): heat maps and CLS-row curves of one "
+                        "checkpoint, or of several the EP curves and the ablation table over runs")
     return p
 
 
+def load_checkpoints(paths: list[str]) -> list[tuple]:
+    """load_checkpoint of every path, before any (slow) analysis starts. ValueError on a bad
+    checkpoint, on one given twice (it would count twice in the mean) or on different shapes."""
+    from minispatial.train import CHECKPOINT, load_checkpoint
+
+    seen: dict[Path, str] = {}
+    for p in paths:
+        f = (Path(p) / CHECKPOINT if Path(p).is_dir() else Path(p)).resolve()
+        if f in seen:
+            raise ValueError(f"checkpoint {f} is given twice (as {seen[f]} and {p})")
+        seen[f] = p
+    loaded = [load_checkpoint(p) for p in paths]
+    check_same_shape([dataclasses.asdict(run_cfg.model) for run_cfg, *_ in loaded], list(paths))
+    return loaded
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`minispatial analyze CHECKPOINT ...` -> 0, or 2 on a bad checkpoint or option."""
+    """`minispatial analyze CHECKPOINT [CHECKPOINT ...]` -> 0, or 2 on a bad checkpoint or option."""
     args = build_parser().parse_args(argv)
     try:
         heads = None if args.heads is None else [int(h) for h in args.heads.split(",") if h.strip()]
         if args.n_images < 1:
             raise ValueError(f"--n-images={args.n_images} is invalid: must be >= 1")
         ablations = DEFAULT_ABLATIONS if args.ablate is None else args.ablate
-        res = analyze_checkpoint(args.checkpoint, ablations, heads, args.tower, args.n_images)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        loaded = load_checkpoints(args.checkpoints)
+        reports = []
+        for i, (path, (run_cfg, params, _, step)) in enumerate(zip(args.checkpoints, loaded)):
+            if len(loaded) > 1:
+                print(f"analysing {i + 1}/{len(loaded)}: {path}", file=sys.stderr)
+            reports.append({"checkpoint": str(path), "step": step,
+                            **analyze(params, run_cfg, ablations, heads, args.tower, args.n_images)})
+        agg = aggregate_reports(reports) if len(reports) > 1 else None
+        doc = reports[0] if agg is None else {"runs": reports, "aggregate": agg}
+        if args.out:
+            Path(args.out).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     except (ValueError, OSError) as e:
         print(f"minispatial analyze: error: {e}", file=sys.stderr)
         return 2
+    written = []
     if args.plots:
-        written = save_plots(res, args.plots)
+        written = save_plots(doc, args.plots) if agg is None else save_aggregate_plots(agg, args.plots)
         if not written:
             print("minispatial analyze: matplotlib is not importable; no plots written", file=sys.stderr)
     if args.json:
-        print(json.dumps(res, indent=1))
+        print(json.dumps(doc, indent=1))
     else:
-        print(format_report(res))
-        if args.plots:
-            for w in written:
-                print(f"wrote {w}")
+        print(format_report(doc) if agg is None else format_aggregate(agg))
+        for w in written + ([args.out] if args.out else []):
+            print(f"wrote {w}")
     return 0
 
 

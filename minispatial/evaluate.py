@@ -45,6 +45,14 @@ and, once per model, `logit_scale` = exp(params["logit_scale"]) (the multiplier 
 Every caption the metrics can ask for (n single, n(n-1) left-form, n(n-1) right-form) is
 encoded once into a `CaptionBank`; images are encoded in chunks of ENCODE_CHUNK rows, and score
 matrices are built in chunks of at most SCORE_CHUNK_ELEMS entries, so memory stays small.
+
+Encoders. Every function that encodes takes `encoders=None`: an optional pair
+
+    (encode_images_fn(params, images, cfg) -> [B, E],  encode_texts_fn(params, tokens, eot, cfg) -> [B, E])
+
+used in place of the model's own `model.encode_images` / `model.encode_texts` (the default).
+`analysis.evaluate_ablation` passes encoders with attention terms removed; the tests pass
+oracles that read the scene off the pixels and tokens.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +77,14 @@ TIE_TOL = 1e-9            # cosines closer than this count as tied
 LOSS_BATCH = 128          # batch of the `loss` metric (capped at the split's distinct scenes)
 ENCODE_CHUNK = 1024       # rows per encoder call
 SCORE_CHUNK_ELEMS = 1 << 20  # entries per score-matrix chunk (8 MB of float64)
+
+# (encode_images_fn(params, images, cfg), encode_texts_fn(params, tokens, eot, cfg)): module docstring
+Encoders = tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]
+
+
+def model_encoders(encoders: Encoders | None = None) -> Encoders:
+    """`encoders`, or the model's own (model.encode_images, model.encode_texts) when None."""
+    return (encode_images, encode_texts) if encoders is None else encoders
 
 
 def metric_names(caption_mode: str) -> tuple[str, ...]:
@@ -106,8 +123,11 @@ class CaptionBank:
                         np.where(split.form == 1, self.left[a, b], self.right[a, b]))
 
 
-def caption_bank(params: dict, testbed: Testbed, model_cfg: ModelConfig) -> CaptionBank:
-    """Build the captions of `testbed`'s labels, tokenize them and encode them with the text tower."""
+def caption_bank(params: dict, testbed: Testbed, model_cfg: ModelConfig,
+                 encoders: Encoders | None = None) -> CaptionBank:
+    """Build the captions of `testbed`'s labels, tokenize them and encode them with the text
+    tower (the text encoder of `encoders`, module docstring)."""
+    encode_texts_fn = model_encoders(encoders)[1]
     n = testbed.config.n_labels
     labels = np.arange(1, n + 1)
     pa, pb = np.meshgrid(labels, labels, indexing="ij")
@@ -126,7 +146,7 @@ def caption_bank(params: dict, testbed: Testbed, model_cfg: ModelConfig) -> Capt
     scene = np.concatenate([scene_keys(np.stack([labels, 0 * labels], 1), n),
                             np.tile(scene_keys(np.stack([pa, pb], 1), n), 2)])
     tokens, eot = testbed.tokenizer.encode_batch(captions)
-    feats = _encode_chunked(lambda s: encode_texts(params, tokens[s], eot[s], model_cfg), len(captions))
+    feats = _encode_chunked(lambda s: encode_texts_fn(params, tokens[s], eot[s], model_cfg), len(captions))
     return CaptionBank(tuple(captions), single, left, right, scene, pa, pb, feats)
 
 
@@ -137,9 +157,11 @@ def _encode_chunked(encode, N: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def encode_split_images(params: dict, split: Split, model_cfg: ModelConfig) -> np.ndarray:
-    # split -> image features [N, E] float64
-    return _encode_chunked(lambda s: encode_images(params, split.images[s], model_cfg), len(split))
+def encode_split_images(params: dict, split: Split, model_cfg: ModelConfig,
+                        encoders: Encoders | None = None) -> np.ndarray:
+    # split -> image features [N, E] float64, from the image encoder of `encoders`
+    encode_images_fn = model_encoders(encoders)[0]
+    return _encode_chunked(lambda s: encode_images_fn(params, split.images[s], model_cfg), len(split))
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,10 +213,11 @@ def _mean(x: np.ndarray) -> float:
 # the metrics
 
 def evaluate_split(params: dict, testbed: Testbed, name: str, model_cfg: ModelConfig,
-                   bank: CaptionBank | None = None) -> dict[str, float]:
+                   bank: CaptionBank | None = None, encoders: Encoders | None = None) -> dict[str, float]:
     """Metrics of split `name` (see the module docstring): {metric: float}, NaN where undefined.
 
-    `bank` (from `caption_bank`) can be passed to share the text features between splits."""
+    `bank` (from `caption_bank`) can be passed to share the text features between splits; it
+    must then come from the same `encoders` (None: the model's own)."""
     if name not in testbed.splits:
         raise ValueError(f"split {name!r} is unknown: allowed {list(testbed.splits)}")
     split = testbed.splits[name]
@@ -204,9 +227,9 @@ def evaluate_split(params: dict, testbed: Testbed, name: str, model_cfg: ModelCo
     if N == 0:
         return out
     if bank is None:
-        bank = caption_bank(params, testbed, model_cfg)
+        bank = caption_bank(params, testbed, model_cfg, encoders)
 
-    img = encode_split_images(params, split, model_cfg)              # [N, E]
+    img = encode_split_images(params, split, model_cfg, encoders)    # [N, E]
     own = bank.example_index(split)                                   # [N] bank index
     key = split.scene_key                                             # [N]
     cids = np.unique(own)                                             # [C] distinct captions
@@ -248,12 +271,16 @@ def evaluate_split(params: dict, testbed: Testbed, name: str, model_cfg: ModelCo
     return out
 
 
-def evaluate_all(params: dict, testbed: Testbed, model_cfg: ModelConfig) -> dict[str, float]:
-    """Every split's metrics as one flat dict {"{split}.{metric}": float} plus "logit_scale"."""
-    bank = caption_bank(params, testbed, model_cfg)
+def evaluate_all(params: dict, testbed: Testbed, model_cfg: ModelConfig,
+                 encoders: Encoders | None = None) -> dict[str, float]:
+    """Every split's metrics as one flat dict {"{split}.{metric}": float} plus "logit_scale".
+
+    encoders: None for the model's own, or a pair (encode_images_fn, encode_texts_fn) to use
+    instead (module docstring), e.g. `analysis.ablated_encoders(ablation)`."""
+    bank = caption_bank(params, testbed, model_cfg, encoders)
     flat: dict[str, float] = {}
     for name in SPLIT_NAMES:
-        for metric, v in evaluate_split(params, testbed, name, model_cfg, bank).items():
+        for metric, v in evaluate_split(params, testbed, name, model_cfg, bank, encoders).items():
             flat[f"{name}.{metric}"] = v
     flat["logit_scale"] = float(np.exp(params["logit_scale"]))
     return flat

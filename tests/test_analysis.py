@@ -153,12 +153,33 @@ def test_ablation_subtracts_exactly_the_named_terms(arch):
     assert np.allclose(got[:, 1], (scores - terms["EP"] - terms["RR"] - terms["BR"])[:, 1], atol=1e-12)
 
 
-def test_ablation_refuses_to_pass_silently_when_evaluate_bypasses_its_encoders(monkeypatch):
-    import minispatial.evaluate as ev
+def test_ablated_encoders_are_what_evaluate_all_runs():
     run, params, tb = small_model()
-    monkeypatch.setattr(ev, "evaluate_all", lambda params, testbed, cfg: {})
-    with pytest.raises(RuntimeError, match="could not be applied"):
-        an.evaluate_ablation(params, tb, run.model, an.parse_ablation("EP"))
+    cfg = run.model
+    abl = an.parse_ablation("EP,VP", towers=("vision", "text"))
+    enc_img, enc_txt = an.ablated_encoders(abl)
+    images, split = tb.splits["val_seen_pair"].images, tb.splits["train"]
+    # each encoder is the hooked forward of its tower
+    assert np.array_equal(enc_img(params, images, cfg),
+                          an.encode_ablated(params, cfg, "vision", images, None, abl))
+    assert np.array_equal(enc_txt(params, split.tokens, split.eot, cfg),
+                          an.encode_ablated(params, cfg, "text", split.tokens, split.eot, abl))
+    assert not np.allclose(enc_img(params, images, cfg), encode_images(params, images, cfg))
+    # evaluate_ablation is evaluate_all with those encoders, and calls both of them
+    calls = {"vision": 0, "text": 0}
+
+    def img(p, ims, c):
+        calls["vision"] += 1
+        return enc_img(p, ims, c)
+
+    def txt(p, tokens, eot, c):
+        calls["text"] += 1
+        return enc_txt(p, tokens, eot, c)
+
+    got = evaluate_all(params, tb, cfg, encoders=(img, txt))
+    assert calls["vision"] > 0 and calls["text"] > 0
+    assert same_metrics(got, an.evaluate_ablation(params, tb, cfg, abl))
+    assert not same_metrics(got, evaluate_all(params, tb, cfg))
 
 
 def test_removing_an_identically_zero_term_changes_nothing():
@@ -182,11 +203,10 @@ def test_empty_ablation_reproduces_the_baseline_exactly():
     base = evaluate_all(params, tb, run.model)
     assert same_metrics(an.evaluate_ablation(params, tb, run.model, an.Ablation()), base)
     assert same_metrics(an.evaluate_ablation(params, tb, run.model, an.parse_ablation("none")), base)
-    # and a real ablation does change the metrics, and leaves evaluate's encoders restored
+    # and a real ablation does change the metrics, and leaves the plain evaluation untouched
     ep = an.evaluate_ablation(params, tb, run.model, an.parse_ablation("EP,VP", towers=("vision", "text")))
     assert not same_metrics(ep, base)
-    import minispatial.evaluate as ev
-    assert ev.encode_images is encode_images
+    assert same_metrics(evaluate_all(params, tb, run.model), base)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -286,6 +306,10 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert all(got[k] == (None if math.isnan(v) else v) for k, v in base.items())
     assert all(e["sum_max_abs_err"] < 1e-10 for e in res["vision"] + res["text"])   # float64 copy
     json.dumps(res, allow_nan=False)
+    assert an.main([str(ckpt), "--n-images", "32", "--ablate", "EP", "--ablate", "PP,VP", "--heads", "1",
+                    "--out", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text()) == {**res, "checkpoint": str(ckpt)}
+    capsys.readouterr()
     assert an.main([str(tmp_path), "--ablate", "EP", "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     assert "-EP" in out and "alignment" in out and "sum check" in out
@@ -293,3 +317,118 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert (tmp_path / "plots" / "vision_layer1_cls_curves.png").is_file()
     assert an.main([str(tmp_path / "missing")]) == 2
     assert an.main([str(tmp_path), "--ablate", "QQ"]) == 2
+
+
+# ------------------------------------------------------------------------------- many runs
+
+def fake_report(name, lr_acc, ep_slopes, ep_curve, classes, text_classes, n_heads=2):
+    """A hand-made `analyze` report: one vision layer (terms EP, PP), one text layer, two ablations."""
+    def term(slope, curve):
+        return {"slope": slope, "right_left": 2 * slope, "std_ratio": abs(slope), "var_share": None,
+                "curve": curve}
+    heads = [{"head": h, "class": c, "terms": {"EP": term(s, ep_curve), "PP": term(0.0, [0.0, 0.0, 0.0])}}
+             for h, (s, c) in enumerate(zip(ep_slopes, classes))]
+    return {"checkpoint": name, "step": 20,
+            "model": {"n_heads": n_heads, "vision_layers": 1, "text_layers": 1, "vision_ctx": 4},
+            "ablations": [{"name": n, "terms": t, "value_pos": False, "towers": ["vision"], "heads": None,
+                           "metrics": {"val_unseen_pair.lr_acc": v, "val_single.lr_acc": None}}
+                          for n, t, v in (("baseline", [], lr_acc), ("-EP", ["EP"], 0.5))],
+            "vision": [{"layer": 0, "terms": ["EP", "PP"], "heads": heads}],
+            "text": [{"layer": 0, "heads": [{"head": h, "class": c} for h, c in enumerate(text_classes)]}]}
+
+
+def test_aggregate_reports_means_and_sample_stds():
+    a = fake_report("a", 0.9, [0.3, -0.1], [0.0, 1.0, 2.0], ["relational", "relational"], ["relational", "x"])
+    b = fake_report("b", 0.7, [0.1, 0.5], [2.0, 3.0, 4.0], ["label-specific"] * 2, ["x", "relational"])
+    agg = an.aggregate_reports([a, b])
+    json.dumps(agg, allow_nan=False)
+    r2 = math.sqrt(2)
+    assert agg["n_runs"] == 2 and [r["checkpoint"] for r in agg["runs"]] == ["a", "b"]
+    base, ep = (ab["metrics"]["val_unseen_pair.lr_acc"] for ab in agg["ablations"])
+    assert [ab["name"] for ab in agg["ablations"]] == ["baseline", "-EP"]
+    assert base["mean"] == pytest.approx(0.8) and base["std"] == pytest.approx(0.1 * r2)   # ddof=1
+    assert base["n"] == 2 and base["values"] == [0.9, 0.7]
+    assert ep == {"mean": 0.5, "std": 0.0, "n": 2, "values": [0.5, 0.5]}
+    undefined = agg["ablations"][0]["metrics"]["val_single.lr_acc"]
+    assert undefined["mean"] is None and undefined["std"] is None and undefined["n"] == 0
+    v = agg["vision"][0]
+    h0, h1 = (h["terms"]["EP"] for h in v["heads"])
+    assert h0["slope"]["mean"] == pytest.approx(0.2) and h0["slope"]["std"] == pytest.approx(0.1 * r2)
+    assert h1["right_left"]["mean"] == pytest.approx(0.4) and h1["right_left"]["std"] == pytest.approx(0.6 * r2)
+    assert h0["var_share"]["n"] == 0
+    assert h0["curve"]["mean"] == pytest.approx([1.0, 2.0, 3.0]) and h0["curve"]["std"] == pytest.approx([r2] * 3)
+    # over heads within each run first (a: mean 0.1, max 0.3; b: mean 0.3, max 0.5), then over runs
+    assert v["head_mean"]["EP"]["slope"]["mean"] == pytest.approx(0.2)
+    assert v["head_max"]["EP"]["slope"]["mean"] == pytest.approx(0.4)
+    assert v["head_max"]["EP"]["slope"]["std"] == pytest.approx(0.1 * r2)
+    assert v["head_max"]["EP"]["std_ratio"]["values"] == pytest.approx([0.3, 0.5])
+    assert v["n_relational"]["values"] == [2, 0] and v["n_relational"]["std"] == pytest.approx(r2)
+    assert agg["text"][0]["n_relational"] == {"mean": 1.0, "std": 0.0, "n": 2, "values": [1, 1]}
+    # one run: means, no std
+    one = an.aggregate_reports([a])["ablations"][0]["metrics"]["val_unseen_pair.lr_acc"]
+    assert one["mean"] == 0.9 and one["std"] is None
+    text = an.format_aggregate(agg)
+    assert "2 runs" in text and "0.800±0.141" in text and "+0.400±0.141" in text
+    assert ["vision", "0", "1.00±1.41", "2", "0"] in [ln.split() for ln in text.splitlines()]
+
+
+def test_aggregate_reports_refuses_runs_that_do_not_match():
+    a = fake_report("a", 0.9, [0.3, -0.1], [0.0, 1.0, 2.0], ["relational"] * 2, ["x"] * 2)
+    b = fake_report("b", 0.7, [0.1], [2.0, 3.0, 4.0], ["relational"], ["x"], n_heads=1)
+    with pytest.raises(ValueError, match="model.n_heads is 2 in a, 1 in b"):
+        an.aggregate_reports([a, b])
+    c = fake_report("c", 0.7, [0.1, 0.5], [2.0, 3.0, 4.0], ["relational"] * 2, ["x"] * 2)
+    c["ablations"] = c["ablations"][:1]
+    with pytest.raises(ValueError, match="different ablations"):
+        an.aggregate_reports([a, c])
+    with pytest.raises(ValueError, match="at least one"):
+        an.aggregate_reports([])
+
+
+@pytest.fixture(scope="module")
+def an_two_runs(tmp_path_factory):
+    """Two tiny trained runs (seeds 0 and 1) -> their run directories."""
+    from minispatial.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for seed in (0, 1):
+        cfg = make_config({"n_labels": 8, "n_heldout": 3, "n_pair": 4, "image_len": 6, "n_layout": 5,
+                           "n_single_layout": 3, "steps": 20, "seed": seed}, preset="tiny")
+        train(cfg, root / f"seed={seed}", verbose=False)
+        dirs.append(root / f"seed={seed}")
+    return dirs
+
+
+def test_analyze_command_on_several_checkpoints(an_two_runs, tmp_path, capsys):
+    runs = [str(d) for d in an_two_runs]
+    out = tmp_path / "ref" / "analysis.json"
+    argv = ["--n-images", "16", "--ablate", "EP", "--out", str(out)]
+    assert an.main(runs + argv + ["--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    doc = json.loads(out.read_text())
+    assert printed == doc
+    assert [r["checkpoint"] for r in doc["runs"]] == runs
+    agg = doc["aggregate"]
+    assert agg == an.aggregate_reports(doc["runs"])
+    for i, ab in enumerate(agg["ablations"]):
+        for k in an.KEY_METRICS:
+            vals = [r["ablations"][i]["metrics"][k] for r in doc["runs"]]
+            assert ab["metrics"][k]["values"] == vals
+            assert ab["metrics"][k]["mean"] == pytest.approx(np.mean(vals))
+            assert ab["metrics"][k]["std"] == pytest.approx(np.std(vals, ddof=1))
+    assert [ab["name"] for ab in agg["ablations"]] == ["baseline", "-EP"]
+    # text, and plots of the aggregate
+    assert an.main(runs + argv + ["--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "2 runs" in text and "±" in text and "relational heads per run" in text
+    assert f"wrote {out}" in text
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "plots" / "vision_layer0_EP_curve_runs.png").is_file()
+    assert (tmp_path / "plots" / "ablations_runs.png").is_file()
+
+
+def test_analyze_command_refuses_a_checkpoint_given_twice(an_two_runs, capsys):
+    run = an_two_runs[0]
+    assert an.main([str(run), str(run / "checkpoint.npz")]) == 2
+    assert "given twice" in capsys.readouterr().err

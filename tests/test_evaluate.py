@@ -1,7 +1,8 @@
 """The metrics of evaluate.py on cases whose answer is known by construction.
 
-Oracle models replace the two encoders inside evaluate's namespace: they read the scene straight
-off the pixels and tokens, so their scores, and hence every metric, follow from the definitions.
+Oracle models, passed as evaluate's `encoders` argument in place of the two towers, read the
+scene straight off the pixels and tokens, so their scores, and hence every metric, follow from
+the definitions.
 """
 
 import json
@@ -13,7 +14,7 @@ import pytest
 from minispatial import evaluate as ev
 from minispatial.config import make_config
 from minispatial.data import SPLIT_NAMES, TestbedConfig, make_testbed, sample_batch
-from minispatial.model import ModelConfig, init_params, loss_only
+from minispatial.model import ModelConfig, encode_images, encode_texts, init_params, loss_only
 from minispatial.text import FIRST_LABEL_ID, Tokenizer
 
 SMALL = dict(image_len=6, n_labels=8, n_heldout=3, n_pair=5, n_layout=5, n_single_layout=3,
@@ -67,22 +68,23 @@ def label_set(a, b, n):
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
-def install(monkeypatch, img_fn, txt_fn):
-    monkeypatch.setattr(ev, "encode_images", lambda params, images, cfg: img_fn(images))
-    monkeypatch.setattr(ev, "encode_texts", lambda params, tokens, eot, cfg: txt_fn(tokens))
+def encoders(img_fn, txt_fn):
+    # features of the raw input -> the (encode_images_fn, encode_texts_fn) pair evaluate takes
+    return (lambda params, images, cfg: img_fn(images),
+            lambda params, tokens, eot, cfg: txt_fn(tokens))
 
 
-def perfect_oracle(monkeypatch, n):
-    install(monkeypatch, lambda im: onehot_scene(*image_scene(im), n),
-            lambda tk: onehot_scene(*text_scene(tk), n))
+def perfect_oracle(n):
+    return encoders(lambda im: onehot_scene(*image_scene(im), n),
+                    lambda tk: onehot_scene(*text_scene(tk), n))
 
 
-def order_blind_oracle(monkeypatch, n):
-    install(monkeypatch, lambda im: label_set(*image_scene(im), n),
-            lambda tk: label_set(*text_scene(tk), n))
+def order_blind_oracle(n):
+    return encoders(lambda im: label_set(*image_scene(im), n),
+                    lambda tk: label_set(*text_scene(tk), n))
 
 
-def noisy_oracle(monkeypatch, n, noise=0.9, seed=0):
+def noisy_oracle(n, noise=0.9, seed=0):
     """The perfect oracle plus a fixed random linear function of the raw input: mixed results."""
     rng = np.random.default_rng(seed)
     Wi = rng.standard_normal((n + 1, 16, (n + 1) ** 2)).astype(np.float32)
@@ -98,7 +100,7 @@ def noisy_oracle(monkeypatch, n, noise=0.9, seed=0):
     def txt(tk):
         return feat(text_scene(tk), Wt[tk, np.arange(tk.shape[1])].sum(1) / 4)
 
-    install(monkeypatch, img, txt)
+    return encoders(img, txt)
 
 
 PARAMS = {"logit_scale": np.array(math.log(100.0))}
@@ -117,10 +119,9 @@ def test_tie_rules():
 # ------------------------------------------------------------------------------- caption bank
 
 @pytest.mark.parametrize("mode", ["left", "left+right"])
-def test_bank_matches_the_split_captions(monkeypatch, mode):
+def test_bank_matches_the_split_captions(mode):
     tb = small_testbed(caption_mode=mode)
-    monkeypatch.setattr(ev, "encode_texts", lambda params, tokens, eot, cfg: np.zeros((len(tokens), 3)))
-    bank = ev.caption_bank({}, tb, None)
+    bank = ev.caption_bank({}, tb, None, encoders(None, lambda tokens: np.zeros((len(tokens), 3))))
     caps = np.array(bank.captions, dtype=object)
     for name in SPLIT_NAMES:
         split = tb.splits[name]
@@ -136,10 +137,9 @@ def test_bank_matches_the_split_captions(monkeypatch, mode):
 # ------------------------------------------------------------------------------- oracles
 
 @pytest.mark.parametrize("mode", ["left", "left+right"])
-def test_perfect_oracle_scores_one_everywhere(monkeypatch, mode):
+def test_perfect_oracle_scores_one_everywhere(mode):
     tb = small_testbed(caption_mode=mode)
-    perfect_oracle(monkeypatch, tb.config.n_labels)
-    m = ev.evaluate_all(PARAMS, tb, None)
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=perfect_oracle(tb.config.n_labels))
     for k, v in m.items():
         split, _, metric = k.partition(".")
         if metric.endswith("acc") or metric.startswith(("lr_acc", "labelset_acc")):
@@ -157,10 +157,9 @@ def test_perfect_oracle_scores_one_everywhere(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["left", "left+right"])
-def test_order_blind_oracle_is_at_chance_on_order_only(monkeypatch, mode):
+def test_order_blind_oracle_is_at_chance_on_order_only(mode):
     tb = small_testbed(caption_mode=mode)
-    order_blind_oracle(monkeypatch, tb.config.n_labels)
-    m = ev.evaluate_all(PARAMS, tb, None)
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=order_blind_oracle(tb.config.n_labels))
     for split in ("train", "val_seen_pair", "val_unseen_pair"):
         assert m[f"{split}.lr_acc"] == 0.5                 # every comparison is a tie: half credit
         assert m[f"{split}.labelset_acc"] == 1.0           # both orders are right
@@ -225,14 +224,14 @@ def reference_split(feats_img, feats_txt, tb, name):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_matches_naive_reference_with_noisy_oracle(monkeypatch, chunked):
     tb = small_testbed()
-    noisy_oracle(monkeypatch, tb.config.n_labels)
+    enc_img, enc_txt = noisy_oracle(tb.config.n_labels)
     if chunked:  # tiny chunks must not change anything
         monkeypatch.setattr(ev, "ENCODE_CHUNK", 7)
         monkeypatch.setattr(ev, "SCORE_CHUNK_ELEMS", 50)
-    m = ev.evaluate_all(PARAMS, tb, None)
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=(enc_img, enc_txt))
     for name in SPLIT_NAMES:
-        ref = reference_split(lambda im: ev.encode_images(None, im, None),
-                              lambda tk: ev.encode_texts(None, tk, None, None), tb, name)
+        ref = reference_split(lambda im: enc_img(None, im, None),
+                              lambda tk: enc_txt(None, tk, None, None), tb, name)
         for metric, v in ref.items():
             got = m[f"{name}.{metric}"]
             if math.isnan(v):
@@ -264,6 +263,32 @@ def test_random_init_model_is_near_chance(mode):
             assert m[f"{s}.i2t_acc"] <= 0.5
         assert abs(m["val_seen_pair.pos_cos"] - m["val_seen_pair.neg_cos"]) < 0.2
         assert m["logit_scale"] == pytest.approx(1 / 0.07)
+
+
+def test_encoders_default_to_the_models_own_and_are_used_everywhere():
+    tb = small_testbed()
+    mc = model_cfg_for(tb)
+    params = init_params(mc, 1)
+    base = ev.evaluate_all(params, tb, mc)
+    explicit = ev.evaluate_all(params, tb, mc, encoders=(encode_images, encode_texts))
+    assert all(base[k] == explicit[k] or (math.isnan(base[k]) and math.isnan(explicit[k])) for k in base)
+    # every image and every caption goes through the encoders given, none through the model's
+    calls = {"images": 0, "texts": 0}
+
+    def img(params, images, cfg):
+        calls["images"] += len(images)
+        return encode_images(params, images, cfg)
+
+    def txt(params, tokens, eot, cfg):
+        calls["texts"] += len(tokens)
+        return encode_texts(params, tokens, eot, cfg)
+
+    counted = ev.evaluate_all(params, tb, mc, encoders=(img, txt))
+    assert all(counted[k] == base[k] or math.isnan(base[k]) for k in base)
+    n = tb.config.n_labels
+    assert calls == {"images": sum(len(tb.splits[s]) for s in SPLIT_NAMES), "texts": n + 2 * n * (n - 1)}
+    oracle = ev.evaluate_split(params, tb, "val_unseen_pair", mc, encoders=perfect_oracle(n))
+    assert oracle["lr_acc"] == 1.0 and base["val_unseen_pair.lr_acc"] < 1.0
 
 
 def test_loss_is_the_model_loss_on_the_fixed_batch():
