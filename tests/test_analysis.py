@@ -30,8 +30,9 @@ ARCHS = {
 
 
 def small_model(seed=0, **kw):
-    # -> (run config, params, testbed): an untrained float64 model; LayerNorm w/b randomised
-    run = make_config({**SMALL, **kw}, preset="tiny")
+    # -> (run config, params, testbed): an untrained float64 model; LayerNorm w/b randomised.
+    # init "torch" (N(0, 1) embeddings) makes every term of the decomposition sizeable.
+    run = make_config({"init": "torch", **SMALL, **kw}, preset="tiny")
     params = init_params(run.model, seed)
     rng = np.random.default_rng(seed + 100)
     for n in params:

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minispatial import fast, model, ops
+from minispatial import gradcheck, fast, model, ops
 
 FLOOR = {"float64": 1e-3, "float32": 1e-2}   # times the largest gradient entry, see the docstring
 FAST = settings(max_examples=int(os.environ.get("FAST_EXAMPLES", "25")), deadline=None)
@@ -184,25 +184,22 @@ def test_bad_ids_are_rejected():
         fast.loss_and_grads_fast(small, images, tokens, eot, cfg)
 
 
-def test_directional_finite_differences_float64():
-    # every parameter tensor: <grad, u> against a central difference of the fast loss along u
+@pytest.mark.parametrize("init", ["clip", "torch"])
+def test_directional_finite_differences_float64(init):
+    # every parameter tensor: <grad, u> against a central difference of the fast loss along u,
+    # with gradcheck's difference, floor and tolerance (README: "How the gradients are checked")
     cfg = dataclasses.replace(model.ModelConfig(), d_model=6, n_heads=2, d_head=3, dtype="float64",
                               vision_vocab=4, text_vocab=5, vision_ctx=4, text_ctx=4,
-                              text_layers=2, proj_dim=5, embed_scale="sqrt_d")
+                              text_layers=2, proj_dim=5, embed_scale="sqrt_d", init=init)
     params = model.init_params(cfg, 1)
     images, tokens, eot = _paper_batch(cfg, 6, seed=2)
     _, grads = fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
     rng = np.random.default_rng(0)
-    h = 1e-5
     for n, p in params.items():
-        u = rng.standard_normal(p.shape)
-        u /= max(np.linalg.norm(u), 1e-300)
-        plus = {**params, n: p + h * u}
-        minus = {**params, n: p - h * u}
-        num = (fast.loss_and_grads_fast(plus, images, tokens, eot, cfg)[0]
-               - fast.loss_and_grads_fast(minus, images, tokens, eot, cfg)[0]) / (2 * h)
-        ana = float(np.sum(grads[n] * u))
-        assert abs(ana - num) / max(abs(ana), abs(num), 1e-5) < 1e-6, (n, ana, num)
+        def f(x, n=n):
+            return fast.loss_and_grads_fast({**params, n: x}, images, tokens, eot, cfg)[0]
+        err = gradcheck.directional_check(f, p, grads[n], rng)
+        assert err <= gradcheck.REL_TOL, (n, err)
 
 
 def test_runs_without_jit():

@@ -131,7 +131,7 @@ def _uniform_bound_ok(a, bound):
 
 
 def test_torch_init_statistics():
-    p = init_params(STATS, 0)
+    p = init_params(dataclasses.replace(STATS, init="torch"), 0)
     D, HDh, F = 128, 64, 256
     for tower in ("vision", "text"):
         b = f"{tower}.blocks.0"
