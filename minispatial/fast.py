@@ -368,15 +368,8 @@ def loss_and_grads_fast(params, images, tokens, eot, cfg):
     # the kernels do no bounds checks: ids are checked against the tables they index
     ops.check_ids("images", images, params["vision.W_E"].shape[0])
     ops.check_ids("tokens", tokens, params["text.W_E"].shape[0])
-    cls_idx = np.zeros(images.shape[0], dtype=np.int64)
-    img, cache_v = tower_forward_fast(params, "vision", images, cls_idx, cfg)
-    txt, cache_t = tower_forward_fast(params, "text", tokens, eot, cfg)
-    loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
-    dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
-    grads = {"logit_scale": dtau}
-    grads.update(tower_backward_fast(dimg, cache_v, params, cfg))
-    grads.update(tower_backward_fast(dtxt, cache_t, params, cfg))
-    return float(loss), {n: grads[n] for n in params}
+    return model.two_tower_loss_and_grads(params, images, tokens, eot, cfg,
+                                          tower_forward_fast, tower_backward_fast)
 
 
 def warmup(dtypes=("float32", "float64")) -> None:

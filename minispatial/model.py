@@ -335,14 +335,20 @@ def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig):
     if fast.supports(cfg) and ops.get_backend() == "numba":
         return fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
     _check_inputs(images, tokens, eot, cfg)
+    return two_tower_loss_and_grads(params, images, tokens, eot, cfg, tower_forward, tower_backward)
+
+
+def two_tower_loss_and_grads(params, images, tokens, eot, cfg: ModelConfig, forward, backward):
+    # images [B, L], tokens [B, Tt], eot [B] -> (loss, grads); `forward`/`backward` run one tower
+    # (tower_forward/tower_backward here, or fast.py's versions: the same sums in another order)
     cls_idx = np.zeros(images.shape[0], dtype=np.int64)
-    img, cache_v = tower_forward(params, "vision", images, cls_idx, cfg)
-    txt, cache_t = tower_forward(params, "text", tokens, eot, cfg)
+    img, cache_v = forward(params, "vision", images, cls_idx, cfg)     # [B, E]
+    txt, cache_t = forward(params, "text", tokens, eot, cfg)           # [B, E]
     loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
     dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
     grads = {"logit_scale": dtau}
-    grads.update(tower_backward(dimg, cache_v, params, cfg))
-    grads.update(tower_backward(dtxt, cache_t, params, cfg))
+    grads.update(backward(dimg, cache_v, params, cfg))
+    grads.update(backward(dtxt, cache_t, params, cfg))
     return float(loss), {n: grads[n] for n in params}
 
 

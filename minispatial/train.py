@@ -235,10 +235,14 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
     summary = {"step": tc.steps, "backend": ops.get_backend(), "dtype": mc.dtype}
     summary.update(evaluate_all(params, testbed, mc))
     tmp = out / "summary.json.tmp"
-    strict = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    tmp.write_text(json.dumps(strict, indent=2, sort_keys=True) + "\n")    # NaN -> null (strict JSON)
+    tmp.write_text(json.dumps(strict_json(summary), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / "summary.json")
     return summary
+
+
+def strict_json(summary: dict) -> dict:
+    """NaN (a metric undefined on an empty split) -> None, so the JSON is strict (null)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped after step {summary['step']}; continue with: minispatial train --resume {out}")
         return 0
     if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(json.dumps(strict_json(summary), indent=2, sort_keys=True))
     else:
         from minispatial.evaluate import format_table
 
