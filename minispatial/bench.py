@@ -19,11 +19,14 @@ FLOPs (multiply-adds count 2; exp, softmax and the optimizer are not counted):
 - naive: the dense step as written in model.py / PyTorch: per tower and layer
   2·B·T·D·3HD (Q, K, V) + 4·B·H·T²·Dh (scores, pattern @ V) + 2·B·T·HD·D (W_O), the projection
   2·B·D·E, the logits 2·B²·E; the backward is twice the forward: naive = 3 × forward.
-- fast: what fast.py executes: table projections 2·(V'+T)·D·3HD, the pooled row's attention
-  over its n_b keys 4·B·H·n·Dh, its output projection 2·B·HD·D, projection and logits as above;
-  backward: 2× those products, plus dk, dv (2·B·H·n·Dh), the gathers' and scatter-adds' adds
-  (B·T·2HD + B·HD forward, 2·(B·T·2HD + B·(HD + D)) backward) and the table gradients
-  4·(V'+T)·3HD·D. Earlier layers of a multi-layer tower are counted dense.
+- fast: the GEMMs fast.py executes. One-layer tower (per tower, VT = V' + T table rows, U
+  distinct pooled queries: 1 for vision, the distinct EOT positions for text): QKV of the tables
+  2·VT·D·3HD, O = V-table W_O 2·H·VT·Dh·D, scores 2·H·U·VT·Dh, pooled = C @ O 2·B·(H·VT+U)·D;
+  backward dC and dO (2·B·H·VT·D + 2·B·(H·VT+U)·D), dW_O and dV-table (2 × 2·H·VT·Dh·D), dq and
+  dK-table (2 × scores), dW and d(A;P) (2 × 2·VT·D·3HD); the projection 3 × 2·B·D·E; the
+  logits 6·B²·E. The numba kernels' adds, exp and the softmaxes, the L2 norm and AdamW are not
+  counted (they are not matrix products). A multi-layer tower is counted as before: dense earlier
+  layers, the pooled row's attention and the last layer's K/V GEMM.
 The issue's bar ("half the machine's float32 matmul throughput on the work the step really
 needs") is the fast count divided by the step time, against the sgemm rate measured in this run
 (a 2048 x 2048 float32 NumPy matmul). The naive count is reported too; it flatters the fast path.
@@ -83,26 +86,43 @@ def naive_flops(cfg, B: int, Tt: int) -> float:
     return 3.0 * fwd
 
 
-def fast_flops(cfg, B: int, Tt: int, eot) -> float:
-    """FLOPs fast.py executes for this batch, see the module docstring."""
+def fast_flops(cfg, tokens, eot) -> float:
+    """FLOPs fast.py executes for this batch (its GEMMs), see the module docstring."""
     D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
     HD, E = H * Dh, (cfg.proj_dim or cfg.d_model)
+    B, Tt = tokens.shape
+    eot = np.asarray(eot)
     total = 0.0
-    for tower, T, keys, rows in (("vision", cfg.vision_ctx, B * cfg.vision_ctx, cfg.vision_vocab + 1),
-                                 ("text", Tt, float(np.sum(np.asarray(eot) + 1)), cfg.text_vocab)):
+    for tower in ("vision", "text"):
         L = cfg.layers(tower)
-        attn = 4 * H * keys * Dh                                        # scores + z over n_b keys
-        fwd = attn + 2 * B * HD * D + (2 * B * D * E if cfg.proj_dim else 0)
-        bwd = 2 * (2 * B * HD * D) + attn + 2 * H * keys * Dh + (4 * B * D * E if cfg.proj_dim else 0)
+        proj = (2 * B * D * E) * 3 if cfg.proj_dim else 0                   # forward + 2 backward
         if L == 1:
-            fwd += 2 * (rows + T) * D * 3 * HD + B * T * 2 * HD + B * HD
-            bwd += 2 * (B * T * 2 * HD + B * (HD + D)) + 4 * (rows + T) * 3 * HD * D
+            if tower == "vision":
+                T, V, U = cfg.vision_ctx, cfg.vision_vocab + 1, 1          # one query: CLS at 0
+            else:
+                T, V = Tt, cfg.text_vocab                                  # distinct (token, eot) pairs
+                U = len(set(zip(tokens[np.arange(B), eot].tolist(), eot.tolist())))
+            VT, HV = V + T, H * (V + T)
+            tables = 2 * VT * D * 3 * HD + 2 * H * VT * Dh * D              # QKV = AP W; O = Vtab W_O
+            scores = 2 * H * U * VT * Dh                                    # S = q Ktab^T
+            pooled = 2 * B * (HV + U) * D                                   # C @ O
+            fwd = tables + scores + pooled
+            bwd = (2 * B * HV * D + 2 * B * (HV + U) * D                    # dC, dO
+                   + 2 * 2 * H * VT * Dh * D                                # dW_O, dVtab
+                   + 2 * scores                                             # dq, dKtab
+                   + 2 * 2 * VT * D * 3 * HD)                               # dW, dAP
+            total += fwd + bwd + proj
         else:
+            T = cfg.vision_ctx if tower == "vision" else Tt
+            keys = B * T if tower == "vision" else float(np.sum(eot + 1))
+            attn = 4 * H * keys * Dh                                        # scores + z over n_b keys
+            fwd = attn + 2 * B * HD * D
+            bwd = 2 * (2 * B * HD * D) + attn + 2 * H * keys * Dh
             dense = 2 * B * T * D * 3 * HD + 4 * B * H * T * T * Dh + 2 * B * T * HD * D
             last_qkv = 2 * B * T * D * 2 * HD + 2 * B * D * HD
             fwd += (L - 1) * dense + last_qkv
             bwd += 2 * ((L - 1) * dense + last_qkv)
-        total += fwd + bwd
+            total += fwd + bwd + proj
     return total + 6.0 * B * B * E
 
 
@@ -201,8 +221,8 @@ def parity(tm, seed: int = 0, B: int = 64) -> dict:
 _CHILD = """
 import resource, sys, time
 t0 = time.perf_counter()
-from minispatial.train import main
-rc = main(sys.argv[1:])
+from minispatial.cli import main
+rc = main(["train", *sys.argv[1:]])            # as `minispatial train` (thread and malloc settings)
 secs = time.perf_counter() - t0
 try:
     hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
@@ -313,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras", action="store_true", help="cold start, default training time and peak RSS")
     p.add_argument("--profile", action="store_true", help="per-operation profile of one fast step")
     args = p.parse_args(argv)
+    from minispatial.cli import keep_freed_memory
+
+    keep_freed_memory()                        # as every `minispatial` command (cli.py)
     try:
         batches = [int(b) for b in args.batch.split(",")]
         if not batches or min(batches) < 1 or args.repeat < 1 or args.numpy_repeat < 1:
@@ -353,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time_steps(steps, inputs, args.repeat)
         np_step = minispatial_step(cfg, "numpy")
         t.update(time_steps({"numpy": np_step}, {np_step: batch}, args.numpy_repeat, rounds=1, warmup=1))
-        nf, ff = naive_flops(cfg, B, Tt), fast_flops(cfg, B, Tt, batch[2])
+        nf, ff = naive_flops(cfg, B, Tt), fast_flops(cfg, batch[1], batch[2])
         for backend in ("numba", "numpy") + (("torch",) if tm is not None else ()):
             s = t[backend]
             row = {"batch": B, "backend": backend, "ms_per_step": 1e3 * s, "samples_per_s": B / s,

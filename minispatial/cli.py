@@ -7,6 +7,7 @@ so `minispatial data` does not pay for compiling numba kernels.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import sys
@@ -17,6 +18,24 @@ import sys
 # setting in the environment wins. `minispatial bench` keeps the machine's default (it measures
 # the sgemm peak), `minispatial sweep` runs its trainings in parallel processes instead.
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step allocates and frees the same few-hundred-KB to 1-MB NumPy temporaries every
+    step. By default glibc serves blocks over its (dynamic) mmap threshold with fresh mmaps and
+    trims the heap after large frees, so each step pays page faults on fresh memory again: on this
+    project's VMs ~2 us per 4 KB page, 0.5 ms per 1 MB array (benchmarks/README.md). Fixing the
+    thresholds (mmap above 32 MB, trim above 256 MB) keeps them in the heap. No effect on any
+    result; a no-op (returns False) where `mallopt` does not exist (macOS, musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3            # <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
+
+
 
 # subcommand -> (module, function, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -50,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd != "bench":
         for var in THREAD_VARS:
             os.environ.setdefault(var, "1")
+    keep_freed_memory()
     module, func, _ = COMMANDS[cmd]
     fn = getattr(importlib.import_module(module), func)
     return int(fn(rest) or 0)

@@ -8,7 +8,7 @@ V' = rows of the token table A (V, plus the CLS row for vision), E feature width
 hooks of `run_with_cache`) stays on the reference path in model.py / ops.py, which is what this
 file is tested against (tests/test_fast.py: 1e-10 in float64, 1e-4 in float32).
 
-Two exact rewrites, both "the same sums in another order":
+Exact rewrites, all "the same sums in another order":
 
 1. Pooled row only, in the LAST layer of a tower. The feature reads one row of the residual
    stream, x[b, p_b] (p_b = 0, the CLS row, for vision; p_b = eot[b] for text), so the last
@@ -21,21 +21,37 @@ Two exact rewrites, both "the same sums in another order":
    Backward: only that row's gradient flows into W_O, W_Q, and the softmax; k and v get
    gradients on every row the pooled query attends to.
 
-2. Factorised layer 0 (when a tower has ONE layer, so layer 0 is also the last layer).
-   The input is X[b, t] = A[r[b, t]] + P[t] with A = [s W_E ; class_embedding] (the CLS row is
-   row V of A, used at t = 0 by every image) and P = W_pos[:T]. Projections are linear, so
-        X W + b = (A W)[r] + (P W + b)                          (A W: V' x 3HD, tiny)
-   i.e. two small GEMMs on the tables and a gather, instead of a [B*T, D] x [D, 3HD] GEMM.
-   Backward: gradients of q/k/v are scatter-added by table row (dtab [V', 3HD]) and summed per
-   position (dpos [T, 3HD]); then dW = A^T dtab + P^T dpos, db = sum(dpos), and the gradient of
-   the input tables is dA = dtab W^T, dP = dpos W^T (+ the residual's gradient at the pooled row).
+2. Tables (when a tower has ONE layer, so layer 0 is also the last layer). The input is
+   X[b, t] = A[r[b, t]] + P[t] with A = [s W_E ; class_embedding] (the CLS row is row V of A,
+   used at t = 0 by every image) and P = W_pos[:T]. Projections are linear, so
+        X W_n + b_n = (A W_n)[r] + (P W_n + b_n)          n = Q, K, V: QKV = [A ; P] W, tiny
+   Every query, key and value is the sum of a token-table row and a position-table row.
+
+3. Everything of the pooled row from the tables (one layer, on top of 2 and 1):
+   - the pooled row's query depends only on its (table row, position): the same CLS query for
+     every image, one EOT query per EOT position for the captions. Each of the U distinct
+     queries q_u is computed once (`distinct_pairs`; sample b uses u = qi[b]);
+   - a score is q . (KA[r[b, j]] + KP[j]) = S[u, r[b, j]] + S[u, V' + j] with S = q [KA ; KP]^T
+     ([H, U, V'+T]): the kernels only look scores up (no d_head-long dot products per key);
+   - z_b,h = sum_j pattern[b, h, j] (VA[r[b, j]] + VP[j]) = C[b, h] @ [VA ; VP]_h, where C bins
+     the pattern by table row (and keeps it per position); so the output projection applies to
+     the V tables, O_h = [VA ; VP]_h W_O,h, and with the residual row and bias as U more rows,
+        pooled = C @ O,   C [B, H*(V'+T) + U] (one-hot of qi in the last U columns),
+                          O [H*(V'+T) + U, D] (last rows X_u = A[r_u] + P[p_u] + b_O)
+     one GEMM per batch; backward dC = dpool O^T, dO = C^T dpool (which also sums dpool per
+     query for the residual and b_O), then only table-sized products.
+   Backward of the kernels: dS sums each sample's score gradients into its query's row.
 
 With more than one layer, layers 0..L-2 run the reference ops (numba attention core) and only
 the last layer uses rewrite 1 on the dense residual stream.
 
-Numba kernels: `cache=True`, no fastmath, serial (see the note above the kernels); the
-scatter-add into the shared tables adds rows in order, as np.add.at does. Arithmetic stays in the
-input dtype. With NUMBA_DISABLE_JIT=1 the same loops run as Python.
+The loss (`clip_loss_fast`) is ops.clip_loss_forward + backward in fewer passes over [B, B]:
+each softmax's exp is taken once, by NumPy (SIMD), the rest in fused numba passes.
+
+Numba kernels: `cache=True`, `error_model="numpy"` (IEEE division, so loops vectorise), no
+fastmath, serial (see the note above the kernels); the scatter-adds add rows in order, as
+np.add.at does. Arithmetic stays in the input dtype, except that dtau is summed in float64.
+With NUMBA_DISABLE_JIT=1 the same loops run as Python.
 """
 
 from __future__ import annotations
@@ -56,27 +72,101 @@ def supports(cfg) -> bool:
 # --------------------------------------------------------------------------------------------
 # kernels
 
-# The kernels are serial. Each call does a millisecond or less of work, and on this project's
+# The kernels are serial. Each call does well under a millisecond of work, and on this project's
 # 2-core machines, shared with other processes, a parallel launch can cost more than that: numba's
-# default OpenMP layer took ~10 ms per `prange` launch while another process kept the cores busy.
-# (On an idle machine `prange` over b halves the two attention kernels, 0.56 -> 0.29 ms at B 512;
-# see benchmarks/README.md.) Each loop over the batch is written so that iteration b writes only
-# rows b of its outputs, so it can become a `prange` without changing any sum.
+# default OpenMP layer took ~10 ms per `prange` launch while another process kept the cores busy
+# (benchmarks/README.md). Most loops over the batch write only rows b of their outputs, so they
+# could become a `prange` without changing any sum; the exceptions (the backward kernel of
+# rewrite 3, the scatter-adds, the column reductions of the loss) add into shared rows in order.
 
 
-@numba.njit(cache=True)
-def _gather_add_kernel(tab, rows, pos, posidx, out):
-    # tab [V', C], rows [N] int, pos [T, C], posidx [N] int -> fills out [N, C]
-    #   out[n] = tab[rows[n]] + pos[posidx[n]]        (X W + b = (A W)[r] + (P W + b), rewrite 2)
-    N, C = out.shape
-    for n in range(N):                             # row n owns out[n]
-        r = rows[n]
-        t = posidx[n]
-        for c in range(C):
-            out[n, c] = tab[r, c] + pos[t, c]
+@numba.njit(cache=True, error_model="numpy")
+def _table_scores_kernel(S, qi, r, n_keys, scale, pattern):
+    # S [H, U, V'+T]: each distinct pooled query u against every row of the K tables [KA ; KP],
+    # qi [B]: sample b's query is u = qi[b], r [B, T]: table rows, n_keys [B]
+    #   -> fills pattern [B, H, T] with scores - max(scores), -inf for keys >= n_keys[b]
+    #      (the argument of the softmax's exp, which NumPy then takes in one vectorised call)
+    H, U, VT = S.shape
+    B, T = r.shape
+    Vp = VT - T
+    for b in range(B):                             # b owns pattern[b]
+        n = n_keys[b]
+        for h in range(H):
+            p = pattern[b, h]
+            s_row = S[h, qi[b]]
+            # scores[j] = (q . KA[r[b, j]] + q . KP[j]) * scale
+            m = (s_row[r[b, 0]] + s_row[Vp]) * scale
+            for j in range(n):
+                s = (s_row[r[b, j]] + s_row[Vp + j]) * scale
+                p[j] = s
+                m = max(m, s)
+            for j in range(n):
+                p[j] -= m
+            for j in range(n, T):
+                p[j] = -np.inf
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
+def _table_pattern_kernel(qi, r, n_keys, VT, pattern, C):
+    # pattern [B, H, T] = exp(scores - max) (0 for masked keys), VT = V' + T
+    #   -> normalises pattern in place (softmax) and fills C [B, H*VT + U]:
+    #      C[b, h*VT + v]      = sum_{j: r[b, j] = v} pattern[b, h, j]   (v < V': the pattern
+    #                            binned by table row), so that z_b,h = C[b, h] @ [VA ; VP]_h
+    #      C[b, h*VT + V' + j] = pattern[b, h, j]
+    #      C[b, H*VT + u]      = 1 if u = qi[b] else 0     (picks the residual row x[b, p_b])
+    B, H, T = pattern.shape
+    Vp = VT - T
+    zero = pattern.dtype.type(0)
+    for b in range(B):                             # b owns pattern[b], C[b]
+        n = n_keys[b]
+        cb = C[b]
+        for i in range(cb.shape[0]):
+            cb[i] = zero
+        cb[H * VT + qi[b]] = pattern.dtype.type(1)
+        for h in range(H):
+            p = pattern[b, h]
+            total = zero
+            for j in range(n):
+                total += p[j]
+            o = h * VT
+            for j in range(n):
+                pj = p[j] / total
+                p[j] = pj
+                cb[o + r[b, j]] += pj
+                cb[o + Vp + j] = pj
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _table_attention_backward_kernel(dC, pattern, qi, r, n_keys, scale, dS):
+    # dC [B, H*(V'+T)] (gradient of C's pattern part), pattern [B, H, T], qi [B], r [B, T], n_keys [B]
+    #   -> adds into zeroed dS [H, U, V'+T] the gradient of S (inverts the forward kernel above):
+    #      the samples that share a query add their gradients into its row, in order b = 0..B-1
+    H, U, VT = dS.shape
+    B, T = r.shape
+    Vp = VT - T
+    zero = dC.dtype.type(0)
+    dp = np.empty(T, dtype=dC.dtype)
+    for b in range(B):
+        n = n_keys[b]
+        for h in range(H):
+            p = pattern[b, h]
+            o = h * VT
+            # inverts C: dpattern[j] = dC[r[b, j]] + dC[V' + j]
+            rowdot = zero                          # <dpattern, pattern> of the softmax backward
+            for j in range(n):
+                d = dC[b, o + r[b, j]] + dC[b, o + Vp + j]
+                dp[j] = d
+                rowdot += d * p[j]
+            # inverts pattern = softmax(scores): ds = pattern * (dpattern - rowdot) * scale;
+            # inverts scores = S[u, r[b, j]] + S[u, V' + j]: add ds back by table row and position
+            ds_row = dS[h, qi[b]]
+            for j in range(n):
+                ds = p[j] * (dp[j] - rowdot) * scale
+                ds_row[r[b, j]] += ds
+                ds_row[Vp + j] += ds
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _pooled_attention_forward_kernel(q, kv, n_keys, scale, z, pattern):
     # q [B, H, Dh] (the pooled row), kv [B, T, 2, H, Dh] (k = kv[:, :, 0], v = kv[:, :, 1]),
     # n_keys [B] -> fills z [B, H, Dh],
@@ -117,7 +207,7 @@ def _pooled_attention_forward_kernel(q, kv, n_keys, scale, z, pattern):
                     z[b, h, d] += pj * kv[b, j, 1, h, d]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _pooled_attention_backward_kernel(dz, q, kv, pattern, n_keys, scale, dq, dkv):
     # dz [B, H, Dh], q [B, H, Dh], kv [B, T, 2, H, Dh], pattern [B, H, T]
     #   -> fills dq [B, H, Dh] and dkv [B, T, 2, H, Dh] (dk | dv)
@@ -155,7 +245,7 @@ def _pooled_attention_backward_kernel(dz, q, kv, pattern, n_keys, scale, dq, dkv
                     dkv[b, j, 0, h, d] = ds * q[b, h, d]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _scatter_rows_pos_kernel(rows, posidx, src, tab, pos):
     # rows [N] int, posidx [N] int, src [N, C] -> adds into zeroed tab [V', C] and pos [T, C]:
     #   tab[rows[n]] += src[n];  pos[posidx[n]] += src[n]      (backward of the gather above)
@@ -172,11 +262,140 @@ def _scatter_rows_pos_kernel(rows, posidx, src, tab, pos):
             pr[c] += sr[c]
 
 
-def gather_add(tab, rows, pos, posidx):
-    # tab [V', C], rows [N], pos [T, C], posidx [N] -> out [N, C] = tab[rows] + pos[posidx]
-    out = np.empty((rows.shape[0], tab.shape[1]), dtype=tab.dtype)
-    _gather_add_kernel(np.ascontiguousarray(tab), rows, np.ascontiguousarray(pos), posidx, out)
-    return out
+# Row reductions (sums, dot products, maxima) keep 8 partial results in 8 scalars, so LLVM
+# vectorises them without fastmath (a sum in another order: other rounding, the same math).
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _dot8(x, y):
+    # x, y [N] -> sum_i x[i] y[i]
+    n = x.shape[0]
+    n8 = n - n % 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(0)
+    for j in range(0, n8, 8):
+        a0 += x[j] * y[j]
+        a1 += x[j + 1] * y[j + 1]
+        a2 += x[j + 2] * y[j + 2]
+        a3 += x[j + 3] * y[j + 3]
+        a4 += x[j + 4] * y[j + 4]
+        a5 += x[j + 5] * y[j + 5]
+        a6 += x[j + 6] * y[j + 6]
+        a7 += x[j + 7] * y[j + 7]
+    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    for j in range(n8, n):
+        s += x[j] * y[j]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _sum8(x):
+    # x [N] -> sum_i x[i]
+    n = x.shape[0]
+    n8 = n - n % 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(0)
+    for j in range(0, n8, 8):
+        a0 += x[j]
+        a1 += x[j + 1]
+        a2 += x[j + 2]
+        a3 += x[j + 3]
+        a4 += x[j + 4]
+        a5 += x[j + 5]
+        a6 += x[j + 6]
+        a7 += x[j + 7]
+    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    for j in range(n8, n):
+        s += x[j]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _max8(x):
+    # x [N], N >= 1 -> max_i x[i]   (max is exact: any order gives the same result)
+    n = x.shape[0]
+    n8 = n - n % 8
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x[0]
+    for j in range(0, n8, 8):
+        a0 = max(a0, x[j])
+        a1 = max(a1, x[j + 1])
+        a2 = max(a2, x[j + 2])
+        a3 = max(a3, x[j + 3])
+        a4 = max(a4, x[j + 4])
+        a5 = max(a5, x[j + 5])
+        a6 = max(a6, x[j + 6])
+        a7 = max(a7, x[j + 7])
+    m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+    for j in range(n8, n):
+        m = max(m, x[j])
+    return m
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _l2norm_forward_kernel(x, y, n):
+    # x [B, E] -> fills y [B, E] = x / |x| row by row, n [B] = |x|      (ops.l2norm_forward)
+    for b in range(x.shape[0]):
+        nb = np.sqrt(_dot8(x[b], x[b]))
+        n[b] = nb
+        for i in range(x.shape[1]):
+            y[b, i] = x[b, i] / nb
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _l2norm_backward_kernel(dy, y, n, dx):
+    # dy, y [B, E], n [B] -> fills dx [B, E] = (dy - y <dy, y>) / n       (ops.l2norm_backward)
+    for b in range(y.shape[0]):
+        dot = _dot8(dy[b], y[b])
+        nb = n[b]
+        for i in range(y.shape[1]):
+            dx[b, i] = (dy[b, i] - y[b, i] * dot) / nb
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _row_col_max_kernel(L, rmax, cmax):
+    # L [B, B] -> fills rmax [B] (max of each row), cmax [B] (max of each column); one pass
+    cmax[:] = L[0]
+    for i in range(L.shape[0]):
+        Li = L[i]
+        rmax[i] = _max8(Li)
+        for j in range(L.shape[1]):
+            cmax[j] = max(cmax[j], Li[j])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _shift_kernel(L, rmax, cmax, er, ec):
+    # fills er = L - rmax[:, None], ec = L - cmax[None, :]  (the arguments of the two softmaxes' exp)
+    B = L.shape[0]
+    for i in range(B):
+        for j in range(B):
+            er[i, j] = L[i, j] - rmax[i]
+            ec[i, j] = L[i, j] - cmax[j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _row_col_sum_kernel(er, ec, rsum, csum):
+    # er, ec [B, B] -> rsum [B] = er.sum(axis=1), csum [B] = ec.sum(axis=0); one pass
+    csum[:] = 0
+    for i in range(er.shape[0]):
+        rsum[i] = _sum8(er[i])
+        eci = ec[i]
+        for j in range(ec.shape[1]):
+            csum[j] += eci[j]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _dlogits_kernel(er, ec, rsum, csum, L, G):
+    # fills G [B, B] = er / rsum[:, None] + ec / csum[None, :] - 2 I
+    #   (= 2B dlogits: softmax over rows minus I plus softmax over columns minus I)
+    # -> returns sum(G * L) (= 2B dtau), each row's sum accumulated in float64 (the terms cancel)
+    B = er.shape[0]
+    two = er.dtype.type(2)
+    total = 0.0
+    for i in range(B):
+        ri = rsum[i]
+        Gi = G[i]
+        for j in range(B):
+            Gi[j] = er[i, j] / ri + ec[i, j] / csum[j]
+        Gi[i] -= two
+        total += np.float64(_dot8(Gi, L[i]))
+    return total
 
 
 def scatter_rows_pos(rows, posidx, src, n_rows: int, n_pos: int):
@@ -185,6 +404,40 @@ def scatter_rows_pos(rows, posidx, src, n_rows: int, n_pos: int):
     pos = np.zeros((n_pos, src.shape[1]), dtype=src.dtype)
     _scatter_rows_pos_kernel(rows, posidx, np.ascontiguousarray(src), tab, pos)
     return tab, pos
+
+
+def distinct_pairs(rows, pos, T: int):
+    # rows [B], pos [B] (ints, pos < T) -> (rows_u [U], pos_u [U], inverse [B]): the distinct
+    # (row, pos) pairs in increasing order of row * T + pos, and pair u = inverse[b] of sample b
+    key = rows * T + pos
+    seen = np.zeros(int(key.max()) + 1 if key.size else 0, dtype=bool)
+    seen[key] = True
+    uniq = np.flatnonzero(seen)
+    lookup = np.empty(seen.shape[0], dtype=np.int64)
+    lookup[uniq] = np.arange(uniq.shape[0])
+    return uniq // T, uniq % T, lookup[key]
+
+
+def table_attention_forward(S, qi, r, n_keys, Dh: int):
+    # S [H, U, V'+T], qi [B], r [B, T], n_keys [B] -> pattern [B, H, T], C [B, H*(V'+T) + U]
+    H, U, VT = S.shape
+    B, T = r.shape
+    scale = S.dtype.type(1.0 / math.sqrt(Dh))      # as the reference: python scale in the dtype
+    pattern = np.empty((B, H, T), dtype=S.dtype)
+    _table_scores_kernel(np.ascontiguousarray(S), qi, r, n_keys, scale, pattern)
+    np.exp(pattern, out=pattern)                   # exp(-inf) = 0 for the masked keys
+    C = np.empty((B, H * VT + U), dtype=S.dtype)
+    _table_pattern_kernel(qi, r, n_keys, VT, pattern, C)
+    return pattern, C
+
+
+def table_attention_backward(dC, pattern, qi, r, n_keys, U: int, Dh: int):
+    # dC [B, H*(V'+T)] -> dS [H, U, V'+T]
+    H = pattern.shape[1]
+    scale = dC.dtype.type(1.0 / math.sqrt(Dh))
+    dS = np.zeros((H, U, dC.shape[1] // H), dtype=dC.dtype)
+    _table_attention_backward_kernel(np.ascontiguousarray(dC), pattern, qi, r, n_keys, scale, dS)
+    return dS
 
 
 def pooled_attention_forward(q, kv, n_keys):
@@ -252,16 +505,36 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
     pool = np.ascontiguousarray(pool_idx, dtype=np.int64)                 # p_b
     r_pool = r[np.arange(B), pool]                                         # table row of x[b, p_b]
     n_keys = pool + 1 if tower == "text" else np.full(B, T, dtype=np.int64)   # causal: keys <= eot
-    W_qkv, b_qkv = _qkv_weights(params, last)
-    c = {"A": A, "r": r, "P": P, "pool": pool, "r_pool": r_pool, "n_keys": n_keys, "W_qkv": W_qkv}
+    c = {"A": A, "r": r, "P": P, "pool": pool, "r_pool": r_pool, "n_keys": n_keys}
 
     if n_layers == 1:
-        # rewrite 2: q, k, v from the tables (model.py: ops.attention_forward's qkv = x2 @ W_qkv)
-        AW = A @ W_qkv                                                     # [V', 3HD]
-        PW = P @ W_qkv + b_qkv                                             # [T, 3HD], bias folded in
-        kv = gather_add(AW[:, HD:], r.reshape(-1), PW[:, HD:], np.tile(np.arange(T), B))
-        q = gather_add(AW[:, :HD], r_pool, PW[:, :HD], pool)               # [B, HD]
-        x_pool = A[r_pool] + P[pool]                                       # x[b, p_b]  [B, D]
+        # rewrites 2 + 3: everything from the tables (model.py: ops.attention_forward)
+        Vp = A.shape[0]
+        AP = np.concatenate([A, P])                                        # [V'+T, D]: the table rows
+        Wn = np.stack([params[f"{last}.attn.W_{n}"] for n in "QKV"])       # [3, H, D, Dh]
+        bn = np.stack([params[f"{last}.attn.b_{n}"] for n in "QKV"])       # [3, H, Dh]
+        # q, k, v of every table row: QKV[n, h] = [A W_n,h ; P W_n,h + b_n,h]
+        QKV = np.matmul(AP, Wn)                                            # [3, H, V'+T, Dh]
+        QKV[:, :, Vp:] += bn[:, :, None, :]                                # biases on the position rows
+        Ktab, Vtab = QKV[1], QKV[2]                                        # [H, V'+T, Dh] each
+        # the pooled row's query depends on (its table row, its position) only: the CLS row at 0
+        # for every image, the EOT row at one of a few positions for the captions. Compute each
+        # distinct query once: q_u for u = 0..U-1, sample b uses u = qi[b]
+        r_u, p_u, qi = distinct_pairs(r_pool, pool, T)                     # [U], [U], [B]
+        q = QKV[0][:, r_u] + QKV[0][:, Vp + p_u]                           # [H, U, Dh]
+        # S[h, u, i] = q_u,h . Ktab[h, i]: the score of key j of sample b is
+        #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]
+        S = np.matmul(q, Ktab.transpose(0, 2, 1))                          # [H, U, V'+T]
+        pattern, C = table_attention_forward(S, qi, r, n_keys, Dh)         # [B, H, T], [B, H*(V'+T) + U]
+        # pooled_b = x[b, p_b] + sum_h z_b,h W_O,h + b_O = C[b] @ O with, stacked in rows,
+        #   O_h = Vtab_h W_O,h   (the output projection applied to the V tables)  [H*(V'+T), D]
+        #   X_u = A[r_u] + P[p_u] + b_O   (the residual row of query u, plus the bias)   [U, D]
+        W_O = params[f"{last}.attn.W_O"]                                   # [H, Dh, D]
+        O = np.concatenate([np.matmul(Vtab, W_O).reshape(-1, D),
+                            AP[r_u] + AP[Vp + p_u] + params[f"{last}.attn.b_O"]])   # [H*(V'+T) + U, D]
+        pooled = C @ O                                                     # [B, D]
+        c.update(AP=AP, Wn=Wn, q=q, qi=qi, r_u=r_u, p_u=p_u, Ktab=Ktab, Vtab=Vtab,
+                 pattern=pattern, C=C, O=O)
     else:
         # layers 0..L-2: the reference blocks (numba attention core), dense x [B, T, D]
         x = A[r] + P
@@ -272,22 +545,21 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
             c["layers"].append(ac)
             x = x + a
         # rewrite 1 on the dense stream: k, v of every row, q of the pooled row
+        W_qkv, b_qkv = _qkv_weights(params, last)
+        c["W_qkv"] = W_qkv
         x2 = x.reshape(B * T, D)
-        kv = x2 @ W_qkv[:, HD:] + b_qkv[HD:]                               # [B*T, 2HD]
+        kv = (x2 @ W_qkv[:, HD:] + b_qkv[HD:]).reshape(B, T, 2, H, Dh)      # k = kv[:, :, 0], v = kv[:, :, 1]
         x_pool = x[np.arange(B), pool]                                     # [B, D]
-        q = x_pool @ W_qkv[:, :HD] + b_qkv[:HD]                            # [B, HD]
-        c["x2"] = x2
-    kv = kv.reshape(B, T, 2, H, Dh)                                        # k = kv[:, :, 0], v = kv[:, :, 1]
-    q = q.reshape(B, H, Dh)
-    # rewrite 1: the pooled row's attention, output projection and residual
-    z, pattern = pooled_attention_forward(q, kv, n_keys)                 # [B, H, Dh], [B, H, T]
-    W_O2 = params[f"{last}.attn.W_O"].reshape(HD, D)
-    pooled = x_pool + (z.reshape(B, HD) @ W_O2 + params[f"{last}.attn.b_O"])   # [B, D]
-    c.update(q=q, kv=kv, z=z, pattern=pattern, x_pool=x_pool)
+        q = (x_pool @ W_qkv[:, :HD] + b_qkv[:HD]).reshape(B, H, Dh)        # [B, H, Dh]
+        # rewrite 1: the pooled row's attention, output projection and residual
+        z, pattern = pooled_attention_forward(q, kv, n_keys)             # [B, H, Dh], [B, H, T]
+        W_O2 = params[f"{last}.attn.W_O"].reshape(HD, D)
+        pooled = x_pool + (z.reshape(B, HD) @ W_O2 + params[f"{last}.attn.b_O"])   # [B, D]
+        c.update(x2=x2, q=q, kv=kv, z=z, pattern=pattern, x_pool=x_pool)
     caches = {}
     if cfg.proj_dim:
         pooled, caches["proj"] = ops.linear_forward(pooled, params[f"{tower}.W_proj"])   # [B, E]
-    feat, caches["l2"] = ops.l2norm_forward(pooled)
+    feat, caches["l2"] = l2norm_forward(pooled)
     return feat, (tower, s, c, caches)
 
 
@@ -296,40 +568,62 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
     tower, s, c, caches = cache
     n_layers = cfg.layers(tower)
     last = f"{tower}.blocks.{n_layers - 1}"
-    q, kv, z, pattern = c["q"], c["kv"], c["z"], c["pattern"]
-    H, Dh = q.shape[1], q.shape[2]
+    A, r, P, pool = c["A"], c["r"], c["P"], c["pool"]
+    pattern = c["pattern"]
+    H, _, Dh = params[f"{last}.attn.W_Q"].shape
     HD = H * Dh
-    A, r, P, pool, r_pool, W_qkv = c["A"], c["r"], c["P"], c["pool"], c["r_pool"], c["W_qkv"]
     B, T = r.shape
-    D = A.shape[1]
+    Vp, D = A.shape
     g: dict[str, np.ndarray] = {}
-    d = ops.l2norm_backward(dfeat, caches["l2"])                           # inverts feat = l2norm(pooled)
+    d = l2norm_backward(dfeat, caches["l2"])                               # inverts feat = l2norm(pooled)
     if cfg.proj_dim:
         d, g[f"{tower}.W_proj"], _ = ops.linear_backward(d, caches["proj"])    # inverts pooled @ W_proj
     dpool = d                                                              # [B, D] = d pooled
-    # inverts pooled = x_pool + z W_O + b_O  (the pooled row of the residual and of the output)
-    g[f"{last}.attn.b_O"] = dpool.sum(axis=0)
-    g[f"{last}.attn.W_O"] = (z.reshape(B, HD).T @ dpool).reshape(H, Dh, D)
-    dz = (dpool @ params[f"{last}.attn.W_O"].reshape(HD, D).T).reshape(B, H, Dh)
-    # inverts z, pattern = attention of the pooled row
-    dq, dkv = pooled_attention_backward(dz, q, kv, pattern, c["n_keys"])
-    dkv = dkv.reshape(B * T, 2 * HD)                                       # [dk | dv] per row
-    dq = dq.reshape(B, HD)
+    W_O = params[f"{last}.attn.W_O"]                                       # [H, Dh, D]
 
     if n_layers == 1:
-        # inverts kv = (A W_kv)[r] + (P W_kv + b_kv): scatter by table row, sum per position
-        dkv_tab, dkv_pos = scatter_rows_pos(r.reshape(-1), np.tile(np.arange(T), B), dkv, A.shape[0], T)
-        # inverts q = (A W_Q)[r_pool] + (P W_Q + b_Q) and the residual x_pool = A[r_pool] + P[pool]:
-        # one scatter of [dq | dpool] by the pooled row's table row and position
-        dqp_tab, dqp_pos = scatter_rows_pos(r_pool, pool, np.concatenate([dq, dpool], axis=1), A.shape[0], T)
-        dtab = np.concatenate([dqp_tab[:, :HD], dkv_tab], axis=1)          # [V', 3HD]
-        dpos = np.concatenate([dqp_pos[:, :HD], dkv_pos], axis=1)          # [T, 3HD]
-        # inverts AW = A W_qkv, PW = P W_qkv + b_qkv
-        _split_qkv_grads(g, last, A.T @ dtab + P.T @ dpos, dpos.sum(axis=0), H, Dh)
-        dA = dtab @ W_qkv.T + dqp_tab[:, HD:]                              # [V', D]
-        dP = dpos @ W_qkv.T + dqp_pos[:, HD:]                              # [T, D]
+        AP, Wn, q, Ktab, Vtab, C, O = c["AP"], c["Wn"], c["q"], c["Ktab"], c["Vtab"], c["C"], c["O"]
+        r_u, p_u, U = c["r_u"], c["p_u"], c["q"].shape[1]
+        HV = H * (Vp + T)
+        # inverts pooled = C @ O: dC of the pattern part (the one-hot part needs none) and dO
+        dC = dpool @ O[:HV].T                                              # [B, H*(V'+T)]
+        dO = C.T @ dpool                                                   # [H*(V'+T) + U, D]
+        dX = dO[HV:]                                                       # [U, D] = d X_u
+        # inverts O_h = Vtab_h W_O,h
+        dO = dO[:HV].reshape(H, Vp + T, D)
+        g[f"{last}.attn.W_O"] = np.matmul(Vtab.transpose(0, 2, 1), dO)     # [H, Dh, D]
+        dQKV = np.empty_like(c["AP"], shape=(3, H, Vp + T, Dh))
+        np.matmul(dO, W_O.transpose(0, 2, 1), out=dQKV[2])                 # d Vtab
+        # inverts pattern, C = softmax of the table scores (kernel), then S = q Ktab^T
+        dS = table_attention_backward(dC, pattern, c["qi"], r, c["n_keys"], U, Dh)   # [H, U, V'+T]
+        dq = np.matmul(dS, Ktab)                                           # [H, U, Dh]
+        np.matmul(dS.transpose(0, 2, 1), q, out=dQKV[1])                   # d Ktab
+        # inverts q_u = QKV[0][:, r_u] + QKV[0][:, V' + p_u]
+        dQKV[0] = 0
+        np.add.at(dQKV[0], (slice(None), r_u), dq)
+        np.add.at(dQKV[0], (slice(None), Vp + p_u), dq)
+        # inverts QKV = AP W (+ b on the position rows)
+        dW = np.matmul(AP.T, dQKV)                                         # [3, H, D, Dh]
+        db = dQKV[:, :, Vp:].sum(axis=2)                                   # [3, H, Dh]
+        for i, n in enumerate("QKV"):
+            g[f"{last}.attn.W_{n}"] = dW[i]
+            g[f"{last}.attn.b_{n}"] = db[i]
+        dAP = np.matmul(dQKV.reshape(3 * H, Vp + T, Dh), Wn.reshape(3 * H, D, Dh).transpose(0, 2, 1)).sum(axis=0)
+        # inverts X_u = AP[r_u] + AP[V' + p_u] + b_O (the residual row and the output bias)
+        np.add.at(dAP, r_u, dX)
+        np.add.at(dAP, Vp + p_u, dX)
+        g[f"{last}.attn.b_O"] = dX.sum(axis=0)
+        dA, dP = dAP[:Vp], dAP[Vp:]                                        # [V', D], [T, D]
     else:
-        x2 = c["x2"]
+        kv, z, x2, q, r_pool, W_qkv = c["kv"], c["z"], c["x2"], c["q"], c["r_pool"], c["W_qkv"]
+        g[f"{last}.attn.b_O"] = dpool.sum(axis=0)
+        # inverts pooled = x_pool + z W_O + b_O  (the pooled row of the residual and of the output)
+        g[f"{last}.attn.W_O"] = (z.reshape(B, HD).T @ dpool).reshape(H, Dh, D)
+        dz = (dpool @ W_O.reshape(HD, D).T).reshape(B, H, Dh)
+        # inverts z, pattern = attention of the pooled row
+        dq, dkv = pooled_attention_backward(dz, q, kv, pattern, c["n_keys"])
+        dkv = dkv.reshape(B * T, 2 * HD)                                   # [dk | dv] per row
+        dq = dq.reshape(B, HD)
         # inverts kv = x2 W_kv + b_kv and q = x_pool W_Q + b_Q (plus the residual at the pooled row)
         dW_qkv = np.concatenate([c["x_pool"].T @ dq, x2.T @ dkv], axis=1)
         db_qkv = np.concatenate([dq.sum(axis=0), dkv.sum(axis=0)])
@@ -359,6 +653,55 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
 # --------------------------------------------------------------------------------------------
 # the step
 
+def l2norm_forward(x):
+    # x [B, E] -> y [B, E] (unit rows), cache          replaces ops.l2norm_forward
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    n = np.empty(x.shape[0], dtype=x.dtype)
+    _l2norm_forward_kernel(x, y, n)
+    return y, (y, n)
+
+
+def l2norm_backward(dy, cache):
+    # dy [B, E] -> dx [B, E]                            replaces ops.l2norm_backward
+    y, n = cache
+    dx = np.empty_like(y)
+    _l2norm_backward_kernel(np.ascontiguousarray(dy), y, n, dx)
+    return dx
+
+
+def clip_loss_fast(img, txt, logit_scale):
+    # img [B, E], txt [B, E] (unit rows), logit_scale 0-d -> (loss, dimg, dtxt, dtau)
+    # ops.clip_loss_forward + clip_loss_backward(1.0) in one go, with fewer passes over [B, B]:
+    #   - the scale s = exp(tau) multiplies img ([B, E]) before the GEMM, not the logits ([B, B]);
+    #   - each softmax's exp is computed once (the reference's logsumexp and backward each redo
+    #     it), by NumPy (SIMD); the maxima, shifts, sums and dlogits are fused numba passes;
+    #   - dlogits is left unscaled: its 1/(2B) and the s of the logits multiply the [B, E] GEMM outputs;
+    #   - dtau = sum(dlogits * logits) is summed in float64 in the same pass (its terms cancel).
+    B = img.shape[0]
+    dt = img.dtype
+    s = np.exp(logit_scale)                                                # 0-d, the dtype of tau
+    logits = (img * s) @ txt.T                                             # [B, B]
+    rmax, cmax = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
+    _row_col_max_kernel(logits, rmax, cmax)
+    e_rows, e_cols = np.empty_like(logits), np.empty_like(logits)
+    _shift_kernel(logits, rmax, cmax, e_rows, e_cols)
+    np.exp(e_rows, out=e_rows)                                             # exp(logits - row max)
+    np.exp(e_cols, out=e_cols)                                             # exp(logits - column max)
+    rsum, csum = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
+    _row_col_sum_kernel(e_rows, e_cols, rsum, csum)
+    diag = np.diagonal(logits)
+    # loss = (mean_i[lse_row_i - diag_i] + mean_j[lse_col_j - diag_j]) / 2
+    loss = 0.5 * ((rmax + np.log(rsum) - diag).mean() + (cmax + np.log(csum) - diag).mean())
+    G = np.empty_like(logits)
+    GL = _dlogits_kernel(e_rows, e_cols, rsum, csum, logits, G)            # G = 2B dlogits
+    c = s * dt.type(1.0 / (2.0 * B))                                       # s / (2B)
+    dimg = (G @ txt) * c                                                   # = s dlogits @ txt
+    dtxt = (G.T @ img) * c                                                 # = s dlogits^T @ img
+    dtau = np.asarray(GL / (2.0 * B), dtype=dt)                            # sum(dlogits * logits)
+    return float(loss), dimg, dtxt, dtau
+
+
 def loss_and_grads_fast(params, images, tokens, eot, cfg):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss float, grads {name: array like params})
     # the same as model.loss_and_grads (which dispatches here), computed with the rewrites above
@@ -369,7 +712,7 @@ def loss_and_grads_fast(params, images, tokens, eot, cfg):
     ops.check_ids("images", images, params["vision.W_E"].shape[0])
     ops.check_ids("tokens", tokens, params["text.W_E"].shape[0])
     return model.two_tower_loss_and_grads(params, images, tokens, eot, cfg,
-                                          tower_forward_fast, tower_backward_fast)
+                                          tower_forward_fast, tower_backward_fast, clip_loss_fast)
 
 
 def warmup(dtypes=("float32", "float64")) -> None:
@@ -377,8 +720,10 @@ def warmup(dtypes=("float32", "float64")) -> None:
     import dataclasses
 
     for dt in dtypes:
-        cfg = dataclasses.replace(model.ModelConfig(), d_model=4, n_heads=2, d_head=2, dtype=dt,
-                                  vision_vocab=3, text_vocab=4, vision_ctx=3, text_ctx=3)
-        params = model.init_params(cfg, 0)
-        loss_and_grads_fast(params, np.array([[1, 2], [0, 1]]), np.array([[2, 1, 3], [3, 1, 0]]),
-                            np.array([2, 1]), cfg)
+        for text_layers in (1, 2):                 # rewrites 2-3 (one layer) and 1 (two layers)
+            cfg = dataclasses.replace(model.ModelConfig(), d_model=4, n_heads=2, d_head=2, dtype=dt,
+                                      vision_vocab=3, text_vocab=4, vision_ctx=3, text_ctx=3,
+                                      text_layers=text_layers)
+            params = model.init_params(cfg, 0)
+            loss_and_grads_fast(params, np.array([[1, 2], [0, 1]]), np.array([[2, 1, 3], [3, 1, 0]]),
+                                np.array([2, 1]), cfg)

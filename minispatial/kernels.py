@@ -9,7 +9,8 @@ them equal (1e-10 in float64, 1e-5 in float32):
     attention_core_backward  <->  ops.attention_core_backward_np
     scatter_add_rows         <->  np.add.at(out, idx, src)
 
-Rules (STYLE.md): `@njit(cache=True)`; no fastmath (it lets LLVM reassociate sums and assume
+Rules (STYLE.md): `@njit(cache=True, error_model="numpy")` (IEEE division, as NumPy: no
+zero-division check, whose branch would stop LLVM from vectorising the loops); no fastmath (it lets LLVM reassociate sums and assume
 no inf/NaN, so results would drift from the reference); `prange` only over indices that own
 their output: one (b, h) pair owns pattern[b, h], z[b, :, h] and dq/dk/dv[b, :, h]; one
 column block owns out[:, cols] in the scatter-add. Arithmetic stays in the input dtype
@@ -82,7 +83,7 @@ def attention_core_forward(q, k, v, causal: bool, parallel: bool | None = None):
     return z, pattern
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _attention_forward_bh(q, k, v, causal, scale, z, pattern, b, h):
     # one (b, h): q, k, v [B, T, H, Dh] -> fills pattern[b, h] [T, T] and z[b, :, h] [T, Dh]
     T, Dh = q.shape[1], q.shape[3]
@@ -121,14 +122,14 @@ def _attention_forward_bh(q, k, v, causal, scale, z, pattern, b, h):
                 zi[d] += pj * v[b, j, h, d]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
 def _attention_forward_parallel(q, k, v, causal, scale, z, pattern):
     B, H = q.shape[0], q.shape[2]
     for bh in prange(B * H):                       # (b, h) owns pattern[b, h] and z[b, :, h]
         _attention_forward_bh(q, k, v, causal, scale, z, pattern, bh // H, bh % H)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _attention_forward_serial(q, k, v, causal, scale, z, pattern):
     B, H = q.shape[0], q.shape[2]
     for bh in range(B * H):
@@ -157,7 +158,7 @@ def attention_core_backward(dz, q, k, v, pattern, parallel: bool | None = None):
     return dq, dk, dv
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _attention_backward_bh(dz, q, k, v, pattern, scale, dq, dk, dv, b, h):
     # one (b, h): dz, q, k, v [B, T, H, Dh], pattern [B, H, T, T]
     #   -> adds into the zeroed dq[b, :, h], dk[b, :, h], dv[b, :, h] [T, Dh]
@@ -196,14 +197,14 @@ def _attention_backward_bh(dz, q, k, v, pattern, scale, dq, dk, dv, b, h):
                 dk[b, j, h, d] += ds * q[b, i, h, d]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
 def _attention_backward_parallel(dz, q, k, v, pattern, scale, dq, dk, dv):
     B, H = q.shape[0], q.shape[2]
     for bh in prange(B * H):                       # (b, h) owns dq, dk, dv[b, :, h]
         _attention_backward_bh(dz, q, k, v, pattern, scale, dq, dk, dv, bh // H, bh % H)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _attention_backward_serial(dz, q, k, v, pattern, scale, dq, dk, dv):
     B, H = q.shape[0], q.shape[2]
     for bh in range(B * H):
@@ -234,7 +235,7 @@ def scatter_add_rows(idx, src, V: int, parallel: bool | None = None):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _scatter_add_cols(idx, src, out, c0, c1):
     # idx [N], src [N, D] -> adds src[:, c0:c1] into the rows idx of out[:, c0:c1]
     for n in range(idx.shape[0]):                  # rows in order, as np.add.at: the same sums
@@ -243,7 +244,7 @@ def _scatter_add_cols(idx, src, out, c0, c1):
             out[r, c] += src[n, c]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
 def _scatter_add_parallel(idx, src, out):
     D = src.shape[1]
     for blk in prange((D + SCATTER_BLOCK - 1) // SCATTER_BLOCK):   # a block owns out[:, c0:c1]
@@ -251,9 +252,70 @@ def _scatter_add_parallel(idx, src, out):
         _scatter_add_cols(idx, src, out, c0, min(c0 + SCATTER_BLOCK, D))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _scatter_add_serial(idx, src, out):
     _scatter_add_cols(idx, src, out, 0, src.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizer (optim.py): one pass over each tensor instead of NumPy's ten
+
+@numba.njit(cache=True, error_model="numpy")
+def _adamw_kernel(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                  sqrt_bc2, eps, step_size):
+    # p, g, m, v [N] (flat views), scalars in their dtype -> updates p, m, v in place with the
+    # operations of optim.adamw_step in the same order, each rounded to the dtype as NumPy does
+    # (so float32 results are bitwise those of the NumPy code; tests/test_optim.py checks)
+    for i in range(p.shape[0]):
+        pi = p[i] * decay
+        gi = g[i]
+        mi = m[i] * beta1 + one_minus_beta1 * gi
+        vi = v[i] * beta2 + one_minus_beta2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - (step_size * mi) / (np.sqrt(vi) / sqrt_bc2 + eps)
+
+
+def adamw_constants(dtype, beta1: float, beta2: float, sqrt_bc2: float, eps: float,
+                    step_size: float) -> tuple:
+    """The scalars of `adamw_update`, rounded to `dtype` once per step (as NumPy rounds them)."""
+    t = np.dtype(dtype).type
+    return (t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(sqrt_bc2), t(eps), t(step_size))
+
+
+def adamw_update(p, g, m, v, decay: float, consts: tuple) -> None:
+    """In place: p *= decay; m, v <- moments; p -= step_size * m / (sqrt(v) / sqrt_bc2 + eps),
+    consts = adamw_constants(p.dtype, ...)."""
+    for a in (g, m, v):
+        if a.shape != p.shape or a.dtype != p.dtype or not a.flags.c_contiguous:
+            raise ValueError(f"adamw_update: an array {a.shape} {a.dtype} does not match the parameter "
+                             f"{p.shape} {p.dtype} or is not C-contiguous")
+    if not p.flags.c_contiguous:
+        raise ValueError("adamw_update: the parameter must be C-contiguous (it is updated in place)")
+    _adamw_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), p.dtype.type(decay), *consts)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_squares_kernel(x):
+    # x [N] -> sum of x^2 in float64, with 8 partial sums (so the loop vectorises without fastmath)
+    acc = np.zeros(8)
+    n8 = x.shape[0] - x.shape[0] % 8
+    for i in range(0, n8, 8):
+        for k in range(8):
+            xi = np.float64(x[i + k])
+            acc[k] += xi * xi
+    total = 0.0
+    for i in range(n8, x.shape[0]):
+        xi = np.float64(x[i])
+        total += xi * xi
+    for k in range(8):
+        total += acc[k]
+    return total
+
+
+def sum_squares(x) -> float:
+    """sum(x ** 2) in float64 (a different order of the same sum as NumPy's pairwise sum)."""
+    return float(_sum_squares_kernel(np.ascontiguousarray(x).reshape(-1)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,3 +332,6 @@ def warmup() -> None:
                 attention_core_backward(z, q, k, v, pattern, parallel=parallel)
             scatter_add_rows(np.array([0, 1, 0]), rng.standard_normal((3, 2)).astype(dt), 2,
                              parallel=parallel)
+        p, g, m, v = (np.ones(3, dtype=dt) for _ in range(4))
+        adamw_update(p, g, m, v, 1.0, adamw_constants(dt, 0.9, 0.99, 1.0, 1e-8, 1e-3))
+        sum_squares(g)

@@ -338,14 +338,19 @@ def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig):
     return two_tower_loss_and_grads(params, images, tokens, eot, cfg, tower_forward, tower_backward)
 
 
-def two_tower_loss_and_grads(params, images, tokens, eot, cfg: ModelConfig, forward, backward):
+def two_tower_loss_and_grads(params, images, tokens, eot, cfg: ModelConfig, forward, backward,
+                             clip_loss=None):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss, grads); `forward`/`backward` run one tower
-    # (tower_forward/tower_backward here, or fast.py's versions: the same sums in another order)
+    # (tower_forward/tower_backward here, or fast.py's versions: the same sums in another order);
+    # `clip_loss(img, txt, logit_scale) -> (loss, dimg, dtxt, dtau)` defaults to ops.clip_loss_*
     cls_idx = np.zeros(images.shape[0], dtype=np.int64)
     img, cache_v = forward(params, "vision", images, cls_idx, cfg)     # [B, E]
     txt, cache_t = forward(params, "text", tokens, eot, cfg)           # [B, E]
-    loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
-    dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
+    if clip_loss is None:
+        loss, cache_l = ops.clip_loss_forward(img, txt, params["logit_scale"])
+        dimg, dtxt, dtau = ops.clip_loss_backward(1.0, cache_l)
+    else:
+        loss, dimg, dtxt, dtau = clip_loss(img, txt, params["logit_scale"])
     grads = {"logit_scale": dtau}
     grads.update(backward(dimg, cache_v, params, cfg))
     grads.update(backward(dtxt, cache_t, params, cfg))

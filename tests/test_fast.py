@@ -202,6 +202,53 @@ def test_directional_finite_differences_float64(init):
         assert err <= gradcheck.REL_TOL, (n, err)
 
 
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("B", [1, 2, 7, 8, 9, 64, 130])
+def test_clip_loss_fast_equals_reference(dtype, rel, B):
+    # the fused loss (numba passes + NumPy exp) against ops.clip_loss_forward/backward; B not a
+    # multiple of 8 exercises the reductions' tails, large logit scales the softmax shifts
+    rng = np.random.default_rng(B)
+    for tau in (0.0, np.log(1 / 0.07), np.log(100.0)):
+        img, _ = ops.l2norm_forward(rng.standard_normal((B, 16)).astype(dtype))
+        txt, _ = ops.l2norm_forward((img + 0.5 * rng.standard_normal((B, 16))).astype(dtype))
+        logit_scale = np.array(tau, dtype=dtype)
+        loss, dimg, dtxt, dtau = fast.clip_loss_fast(img, txt, logit_scale)
+        want_loss, cache = ops.clip_loss_forward(img, txt, logit_scale)
+        want_dimg, want_dtxt, want_dtau = ops.clip_loss_backward(1.0, cache)
+        assert loss == pytest.approx(float(want_loss), rel=rel, abs=rel)
+        for got, want in ((dimg, want_dimg), (dtxt, want_dtxt)):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert np.abs(got - want).max() <= rel * max(np.abs(want).max(), 1e-3)
+        assert dtau.shape == () and dtau.dtype == want_dtau.dtype
+        # dtau is a sum of B^2 cancelling terms: compare with a float64 evaluation
+        exact = ops.clip_loss_backward(1.0, ops.clip_loss_forward(img.astype(np.float64), txt.astype(np.float64),
+                                                                  logit_scale.astype(np.float64))[1])[2]
+        assert abs(float(dtau) - float(exact)) <= max(10 * abs(float(want_dtau) - float(exact)), rel * B)
+
+
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-13), ("float32", 1e-6)])
+@pytest.mark.parametrize("E", [1, 3, 8, 13, 128])
+def test_l2norm_fast_equals_reference(dtype, rel, E):
+    rng = np.random.default_rng(E)
+    x = rng.standard_normal((5, E)).astype(dtype)
+    dy = rng.standard_normal((5, E)).astype(dtype)
+    y, cache = fast.l2norm_forward(x)
+    y_ref, cache_ref = ops.l2norm_forward(x)
+    assert y.dtype == x.dtype and np.abs(y - y_ref).max() <= rel
+    dx, dx_ref = fast.l2norm_backward(dy, cache), ops.l2norm_backward(dy, cache_ref)
+    assert dx.dtype == x.dtype and np.abs(dx - dx_ref).max() <= rel * np.abs(dx_ref).max()
+
+
+def test_distinct_pairs():
+    rows = np.array([3, 1, 3, 0, 1, 3])
+    pos = np.array([2, 0, 2, 5, 4, 2])
+    r_u, p_u, inv = fast.distinct_pairs(rows, pos, 6)
+    # pairs in increasing order of row * T + pos: (0, 5), (1, 0), (1, 4), (3, 2)
+    assert r_u.tolist() == [0, 1, 1, 3] and p_u.tolist() == [5, 0, 4, 2]
+    assert inv.tolist() == [3, 1, 3, 0, 2, 3]
+    assert np.array_equal(r_u[inv], rows) and np.array_equal(p_u[inv], pos)
+
+
 def test_runs_without_jit():
     # the kernels are plain Python loops under NUMBA_DISABLE_JIT=1; same numbers as the reference
     code = """
@@ -214,6 +261,19 @@ for layers in (1, 2):
     params = model.init_params(cfg, 0)
     batch = _paper_batch(cfg, 3)
     assert_same(fast.loss_and_grads_fast(params, *batch, cfg), reference_loss_and_grads(params, *batch, cfg), 1e-10)
+# the optimizer's kernels too: bitwise the NumPy AdamW
+from minispatial import ops, optim
+_, grads = fast.loss_and_grads_fast(params, *batch, cfg)
+runs = []
+for backend in ("numpy", "numba"):
+    p = {n: v.copy() for n, v in params.items()}
+    state = optim.adamw_init(p)
+    with ops.use_backend(backend):
+        norm = optim.global_norm(grads)
+        optim.adamw_step(p, grads, state, 1e-2, 0.9, 0.98, 1e-6, 0.1)
+    runs.append((p, norm))
+assert all(np.array_equal(runs[0][0][n], runs[1][0][n]) for n in params)
+assert abs(runs[0][1] - runs[1][1]) <= 1e-12 * runs[0][1]
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

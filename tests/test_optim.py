@@ -194,3 +194,67 @@ def test_clamp_logit_scale_to_0_ln100_in_place():
     clamp_logit_scale(params)
     assert params["logit_scale"].dtype == np.float32
     assert float(params["logit_scale"]) == float(np.float32(math.log(100.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# the numba AdamW (backend "numba") is the NumPy code above, one pass per tensor
+
+def _random_run(backend, dtype, weight_decay, steps=4):
+    from minispatial import ops
+
+    params = init_params(ModelConfig(dtype=dtype), 0)
+    state = adamw_init(params)
+    rng = np.random.default_rng(1)
+    with ops.use_backend(backend):
+        for t in range(steps):
+            grads = {n: (rng.standard_normal(p.shape) * 10.0 ** rng.integers(-6, 2)).astype(p.dtype)
+                     for n, p in params.items()}
+            norm = global_norm(grads)
+            adamw_step(params, grads, state, 1e-3 * (t + 1), 0.9, 0.98, 1e-6, weight_decay,
+                       decay_embeddings=bool(t % 2))
+    return params, state, norm
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_kernel_is_bitwise_the_numpy_code(dtype, weight_decay):
+    # same operations in the same order, each rounded to the dtype: identical bits, every tensor
+    # (the 0-d logit scale included), first and second moments included
+    p_np, s_np, _ = _random_run("numpy", dtype, weight_decay)
+    p_nb, s_nb, _ = _random_run("numba", dtype, weight_decay)
+    assert s_np["t"] == s_nb["t"] == 4
+    for n in p_np:
+        assert p_nb[n].dtype == p_np[n].dtype and p_nb[n].shape == p_np[n].shape
+        assert np.array_equal(p_nb[n], p_np[n]), n
+        assert np.array_equal(s_nb["m"][n], s_np["m"][n]), n
+        assert np.array_equal(s_nb["v"][n], s_np["v"][n]), n
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_global_norm_backends_agree(dtype):
+    # the kernel sums in float64 in another order than NumPy's pairwise sum
+    _, _, n_np = _random_run("numpy", dtype, 0.0, steps=1)
+    _, _, n_nb = _random_run("numba", dtype, 0.0, steps=1)
+    assert n_nb == pytest.approx(n_np, rel=1e-12) and n_np > 0
+
+
+def test_sum_squares_handles_every_length():
+    from minispatial import kernels
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 1000):
+        x = rng.standard_normal(n).astype(np.float32)
+        assert kernels.sum_squares(x) == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-12, abs=0)
+
+
+def test_adamw_update_rejects_mismatched_arrays():
+    from minispatial import kernels
+
+    p = np.zeros(4, dtype=np.float32)
+    consts = kernels.adamw_constants(np.float32, 0.9, 0.99, 1.0, 1e-8, 1e-3)
+    with pytest.raises(ValueError, match="does not match the parameter"):
+        kernels.adamw_update(p, np.zeros(3, dtype=np.float32), p.copy(), p.copy(), 1.0, consts)
+    with pytest.raises(ValueError, match="does not match the parameter"):
+        kernels.adamw_update(p, np.zeros(4, dtype=np.float64), p.copy(), p.copy(), 1.0, consts)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.adamw_update(np.zeros(8, dtype=np.float32)[::2], p, p.copy(), p.copy(), 1.0, consts)
