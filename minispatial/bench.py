@@ -13,7 +13,10 @@ The batch is synthetic (B can exceed the testbed's 230 distinct training caption
 random words, EOT at position 4 or 7 (single-object and pair captions), PAD after it.
 Every timing is the median of 3 rounds of ceil(`--repeat`/3) steps, rounds in which minispatial and
 PyTorch each run 2 warm-up steps and then their share of timed steps, so a change in machine load
-hits both alike (the numpy reference, 4-5x slower, is timed once after them).
+hits both alike (the numpy reference, 4-5x slower, is timed once after them). Each framework's
+turn starts with a 50 ms pause: without it PyTorch's just-idle OpenMP threads, still spinning,
+took a core from the step that followed (measured: minispatial's B 512 step 5.7 ms right after
+PyTorch, 3.9 ms without PyTorch in the process; PyTorch's B 64 step 11.5 vs 8.9 ms).
 
 FLOPs (multiply-adds count 2; exp, softmax and the optimizer are not counted):
 - naive: the dense step as written in model.py / PyTorch: per tower and layer
@@ -181,6 +184,7 @@ def time_steps(steps: dict, inputs: dict, repeat: int, rounds: int = 3, warmup: 
     for _ in range(rounds):
         for n, f in steps.items():
             batch = inputs[f]
+            time.sleep(0.05)                          # let the other framework's idle threads sleep
             for _ in range(warmup):
                 f(*batch)
             for _ in range(per_round):
@@ -258,9 +262,9 @@ def extras() -> dict:
 # --------------------------------------------------------------------------------------------
 # per-operation profile of one fast step
 
-def profile(B: int, repeat: int = 20) -> list[tuple[str, float]]:
-    """-> [(source line, ms per step)] self time of every line of fast.py, ops.py and optim.py
-    over `repeat` fast steps, largest first. A line's time includes the untraced work it starts
+def profile(B: int, repeat: int = 20) -> list[tuple[str, str, float]]:
+    """-> [(source line, function, ms per step)] self time of every line of fast.py, ops.py and
+    optim.py over `repeat` fast steps, largest first. A line's time includes the untraced work it starts
     (numba kernels, NumPy, BLAS) but not the traced lines of functions it calls. Tracing adds
     about a microsecond per executed line (a few hundred lines per step)."""
     import linecache
@@ -283,9 +287,10 @@ def profile(B: int, repeat: int = 20) -> list[tuple[str, float]]:
             acc[last[0]] = acc.get(last[0], 0.0) + now - last[1]
         if event == "return":                         # back in the caller's current line
             back = frame.f_back
-            last[0] = (back.f_code.co_filename, back.f_lineno) if back is not None and back.f_code.co_filename in files else None
+            last[0] = ((back.f_code.co_filename, back.f_lineno, back.f_code.co_name)
+                       if back is not None and back.f_code.co_filename in files else None)
         else:
-            last[0] = (frame.f_code.co_filename, frame.f_lineno)
+            last[0] = (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
         last[1] = time.perf_counter()
         return tracer
 
@@ -294,15 +299,16 @@ def profile(B: int, repeat: int = 20) -> list[tuple[str, float]]:
             return tracer(frame, event, arg)
         return None
 
+    time.sleep(0.05)                                  # as time_steps: idle threads of PyTorch sleep
     sys.settrace(global_tracer)
     try:
         for _ in range(repeat):
             step(*batch)
     finally:
         sys.settrace(None)
-    rows = [(f"{Path(f).name}:{ln:<4} {linecache.getline(f, ln).strip()[:90]}", 1e3 * t / repeat)
-            for (f, ln), t in acc.items()]
-    return sorted(rows, key=lambda r: -r[1])
+    rows = [(f"{Path(f).name}:{ln:<4} {linecache.getline(f, ln).strip()[:90]}", f"{Path(f).stem}.{fn}",
+             1e3 * t / repeat) for (f, ln, fn), t in acc.items()]
+    return sorted(rows, key=lambda r: -r[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             res["rows"].append(row)
     if args.profile:
         res["profile_batch"] = batches[-1]
-        res["profile"] = [{"op": op, "ms_per_step": ms} for op, ms in profile(batches[-1]) if ms >= 0.001]
+        res["profile"] = [{"op": op, "function": fn, "ms_per_step": ms}
+                          for op, fn, ms in profile(batches[-1]) if ms >= 0.001]
     if args.extras:
         res["extras"] = extras()
 
@@ -429,9 +436,15 @@ def print_report(res: dict) -> None:
                   f"max grad rel diff {p['grad_max_rel_diff']:.2e} ({p['worst_tensor']}) -> "
                   f"{'PASS' if p['pass'] else 'FAIL'} (<= 1e-4)")
     if "profile" in res:
-        print(f"\nprofile of one fast step, B {res['profile_batch']} (self time per source line, ms/step):")
+        print(f"\nprofile of one fast step, B {res['profile_batch']} (self time, ms/step):")
         total = sum(r["ms_per_step"] for r in res["profile"])
-        print(f"  (traced total {total:.2f} ms/step; lines under 0.05 ms not shown)")
+        by_fn: dict[str, float] = {}
+        for r in res["profile"]:
+            by_fn[r["function"]] = by_fn.get(r["function"], 0.0) + r["ms_per_step"]
+        print(f"  by function (traced total {total:.2f} ms/step; both towers together):")
+        for fn, ms in sorted(by_fn.items(), key=lambda kv: -kv[1]):
+            print(f"  {ms:7.3f}  {100 * ms / total:5.1f}%  {fn}")
+        print("  by source line (lines under 0.05 ms not shown):")
         for r in res["profile"]:
             if r["ms_per_step"] < 0.05:
                 break
