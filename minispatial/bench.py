@@ -263,8 +263,8 @@ def extras() -> dict:
 # per-operation profile of one fast step
 
 def profile(B: int, repeat: int = 20) -> list[tuple[str, str, float]]:
-    """-> [(source line, function, ms per step)] self time of every line of fast.py, ops.py and
-    optim.py over `repeat` fast steps, largest first. A line's time includes the untraced work it starts
+    """-> [(source line, function, ms per step)] self time of every line of fast.py, fastloss.py,
+    ops.py and optim.py over `repeat` fast steps, largest first. A line's time includes the untraced work it starts
     (numba kernels, NumPy, BLAS) but not the traced lines of functions it calls. Tracing adds
     about a microsecond per executed line (a few hundred lines per step)."""
     import linecache
@@ -274,10 +274,9 @@ def profile(B: int, repeat: int = 20) -> list[tuple[str, str, float]]:
     batch = make_batch(cfg, B)
     for _ in range(3):
         step(*batch)
-    files = {str(Path(m.__file__).resolve()) for m in (ops, optim)}
-    from minispatial import fast
+    from minispatial import fast, fastloss
 
-    files.add(str(Path(fast.__file__).resolve()))
+    files = {str(Path(m.__file__).resolve()) for m in (ops, optim, fast, fastloss)}
     acc: dict[tuple[str, int], float] = {}
     last = [None, 0.0]                                # (file, line) being timed, since when
 

@@ -45,8 +45,8 @@ Exact rewrites, all "the same sums in another order":
 With more than one layer, layers 0..L-2 run the reference ops (numba attention core) and only
 the last layer uses rewrite 1 on the dense residual stream.
 
-The loss (`clip_loss_fast`) is ops.clip_loss_forward + backward in fewer passes over [B, B]:
-each softmax's exp is taken once, by NumPy (SIMD), the rest in fused numba passes.
+The loss and the L2 norm of the features come from fastloss.py (`clip_loss_fast`: the CLIP loss
+and its gradients in fewer passes over [B, B]).
 
 Numba kernels: `cache=True`, `error_model="numpy"` (IEEE division, so loops vectorise), no
 fastmath, serial (see the note above the kernels); the scatter-adds add rows in order, as
@@ -62,6 +62,7 @@ import numba
 import numpy as np
 
 from minispatial import model, ops
+from minispatial.fastloss import clip_loss_fast, l2norm_backward, l2norm_forward
 
 
 def supports(cfg) -> bool:
@@ -77,7 +78,7 @@ def supports(cfg) -> bool:
 # default OpenMP layer took ~10 ms per `prange` launch while another process kept the cores busy
 # (benchmarks/README.md). Most loops over the batch write only rows b of their outputs, so they
 # could become a `prange` without changing any sum; the exceptions (the backward kernel of
-# rewrite 3, the scatter-adds, the column reductions of the loss) add into shared rows in order.
+# rewrite 3, the scatter-adds) add into shared rows in order.
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -260,142 +261,6 @@ def _scatter_rows_pos_kernel(rows, posidx, src, tab, pos):
             tr[c] += sr[c]
         for c in range(C):
             pr[c] += sr[c]
-
-
-# Row reductions (sums, dot products, maxima) keep 8 partial results in 8 scalars, so LLVM
-# vectorises them without fastmath (a sum in another order: other rounding, the same math).
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _dot8(x, y):
-    # x, y [N] -> sum_i x[i] y[i]
-    n = x.shape[0]
-    n8 = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(0)
-    for j in range(0, n8, 8):
-        a0 += x[j] * y[j]
-        a1 += x[j + 1] * y[j + 1]
-        a2 += x[j + 2] * y[j + 2]
-        a3 += x[j + 3] * y[j + 3]
-        a4 += x[j + 4] * y[j + 4]
-        a5 += x[j + 5] * y[j + 5]
-        a6 += x[j + 6] * y[j + 6]
-        a7 += x[j + 7] * y[j + 7]
-    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    for j in range(n8, n):
-        s += x[j] * y[j]
-    return s
-
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _sum8(x):
-    # x [N] -> sum_i x[i]
-    n = x.shape[0]
-    n8 = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(0)
-    for j in range(0, n8, 8):
-        a0 += x[j]
-        a1 += x[j + 1]
-        a2 += x[j + 2]
-        a3 += x[j + 3]
-        a4 += x[j + 4]
-        a5 += x[j + 5]
-        a6 += x[j + 6]
-        a7 += x[j + 7]
-    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    for j in range(n8, n):
-        s += x[j]
-    return s
-
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _max8(x):
-    # x [N], N >= 1 -> max_i x[i]   (max is exact: any order gives the same result)
-    n = x.shape[0]
-    n8 = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x[0]
-    for j in range(0, n8, 8):
-        a0 = max(a0, x[j])
-        a1 = max(a1, x[j + 1])
-        a2 = max(a2, x[j + 2])
-        a3 = max(a3, x[j + 3])
-        a4 = max(a4, x[j + 4])
-        a5 = max(a5, x[j + 5])
-        a6 = max(a6, x[j + 6])
-        a7 = max(a7, x[j + 7])
-    m = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-    for j in range(n8, n):
-        m = max(m, x[j])
-    return m
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _l2norm_forward_kernel(x, y, n):
-    # x [B, E] -> fills y [B, E] = x / |x| row by row, n [B] = |x|      (ops.l2norm_forward)
-    for b in range(x.shape[0]):
-        nb = np.sqrt(_dot8(x[b], x[b]))
-        n[b] = nb
-        for i in range(x.shape[1]):
-            y[b, i] = x[b, i] / nb
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _l2norm_backward_kernel(dy, y, n, dx):
-    # dy, y [B, E], n [B] -> fills dx [B, E] = (dy - y <dy, y>) / n       (ops.l2norm_backward)
-    for b in range(y.shape[0]):
-        dot = _dot8(dy[b], y[b])
-        nb = n[b]
-        for i in range(y.shape[1]):
-            dx[b, i] = (dy[b, i] - y[b, i] * dot) / nb
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _row_col_max_kernel(L, rmax, cmax):
-    # L [B, B] -> fills rmax [B] (max of each row), cmax [B] (max of each column); one pass
-    cmax[:] = L[0]
-    for i in range(L.shape[0]):
-        Li = L[i]
-        rmax[i] = _max8(Li)
-        for j in range(L.shape[1]):
-            cmax[j] = max(cmax[j], Li[j])
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _shift_kernel(L, rmax, cmax, er, ec):
-    # fills er = L - rmax[:, None], ec = L - cmax[None, :]  (the arguments of the two softmaxes' exp)
-    B = L.shape[0]
-    for i in range(B):
-        for j in range(B):
-            er[i, j] = L[i, j] - rmax[i]
-            ec[i, j] = L[i, j] - cmax[j]
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _row_col_sum_kernel(er, ec, rsum, csum):
-    # er, ec [B, B] -> rsum [B] = er.sum(axis=1), csum [B] = ec.sum(axis=0); one pass
-    csum[:] = 0
-    for i in range(er.shape[0]):
-        rsum[i] = _sum8(er[i])
-        eci = ec[i]
-        for j in range(ec.shape[1]):
-            csum[j] += eci[j]
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _dlogits_kernel(er, ec, rsum, csum, L, G):
-    # fills G [B, B] = er / rsum[:, None] + ec / csum[None, :] - 2 I
-    #   (= 2B dlogits: softmax over rows minus I plus softmax over columns minus I)
-    # -> returns sum(G * L) (= 2B dtau), each row's sum accumulated in float64 (the terms cancel)
-    B = er.shape[0]
-    two = er.dtype.type(2)
-    total = 0.0
-    for i in range(B):
-        ri = rsum[i]
-        Gi = G[i]
-        for j in range(B):
-            Gi[j] = er[i, j] / ri + ec[i, j] / csum[j]
-        Gi[i] -= two
-        total += np.float64(_dot8(Gi, L[i]))
-    return total
 
 
 def scatter_rows_pos(rows, posidx, src, n_rows: int, n_pos: int):
@@ -652,55 +517,6 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # the step
-
-def l2norm_forward(x):
-    # x [B, E] -> y [B, E] (unit rows), cache          replaces ops.l2norm_forward
-    x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
-    n = np.empty(x.shape[0], dtype=x.dtype)
-    _l2norm_forward_kernel(x, y, n)
-    return y, (y, n)
-
-
-def l2norm_backward(dy, cache):
-    # dy [B, E] -> dx [B, E]                            replaces ops.l2norm_backward
-    y, n = cache
-    dx = np.empty_like(y)
-    _l2norm_backward_kernel(np.ascontiguousarray(dy), y, n, dx)
-    return dx
-
-
-def clip_loss_fast(img, txt, logit_scale):
-    # img [B, E], txt [B, E] (unit rows), logit_scale 0-d -> (loss, dimg, dtxt, dtau)
-    # ops.clip_loss_forward + clip_loss_backward(1.0) in one go, with fewer passes over [B, B]:
-    #   - the scale s = exp(tau) multiplies img ([B, E]) before the GEMM, not the logits ([B, B]);
-    #   - each softmax's exp is computed once (the reference's logsumexp and backward each redo
-    #     it), by NumPy (SIMD); the maxima, shifts, sums and dlogits are fused numba passes;
-    #   - dlogits is left unscaled: its 1/(2B) and the s of the logits multiply the [B, E] GEMM outputs;
-    #   - dtau = sum(dlogits * logits) is summed in float64 in the same pass (its terms cancel).
-    B = img.shape[0]
-    dt = img.dtype
-    s = np.exp(logit_scale)                                                # 0-d, the dtype of tau
-    logits = (img * s) @ txt.T                                             # [B, B]
-    rmax, cmax = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
-    _row_col_max_kernel(logits, rmax, cmax)
-    e_rows, e_cols = np.empty_like(logits), np.empty_like(logits)
-    _shift_kernel(logits, rmax, cmax, e_rows, e_cols)
-    np.exp(e_rows, out=e_rows)                                             # exp(logits - row max)
-    np.exp(e_cols, out=e_cols)                                             # exp(logits - column max)
-    rsum, csum = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
-    _row_col_sum_kernel(e_rows, e_cols, rsum, csum)
-    diag = np.diagonal(logits)
-    # loss = (mean_i[lse_row_i - diag_i] + mean_j[lse_col_j - diag_j]) / 2
-    loss = 0.5 * ((rmax + np.log(rsum) - diag).mean() + (cmax + np.log(csum) - diag).mean())
-    G = np.empty_like(logits)
-    GL = _dlogits_kernel(e_rows, e_cols, rsum, csum, logits, G)            # G = 2B dlogits
-    c = s * dt.type(1.0 / (2.0 * B))                                       # s / (2B)
-    dimg = (G @ txt) * c                                                   # = s dlogits @ txt
-    dtxt = (G.T @ img) * c                                                 # = s dlogits^T @ img
-    dtau = np.asarray(GL / (2.0 * B), dtype=dt)                            # sum(dlogits * logits)
-    return float(loss), dimg, dtxt, dtau
-
 
 def loss_and_grads_fast(params, images, tokens, eot, cfg):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss float, grads {name: array like params})
