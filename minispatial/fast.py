@@ -49,9 +49,9 @@ The loss and the L2 norm of the features come from fastloss.py (`clip_loss_fast`
 and its gradients in fewer passes over [B, B]).
 
 Numba kernels: `cache=True`, `error_model="numpy"` (IEEE division, so loops vectorise), no
-fastmath, serial (see the note above the kernels); the scatter-adds add rows in order, as
-np.add.at does. Arithmetic stays in the input dtype, except that dtau is summed in float64.
-With NUMBA_DISABLE_JIT=1 the same loops run as Python.
+fastmath, serial (see the note above the kernels); the softmax of a row is kernels.softmax_row,
+shared with the reference path's attention kernel. Arithmetic stays in the input dtype, except
+that fastloss.py sums dtau in float64. With NUMBA_DISABLE_JIT=1 the same loops run as Python.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ import numba
 import numpy as np
 
 from minispatial import model, ops
+from minispatial.kernels import softmax_row
 from minispatial.fastloss import clip_loss_fast, l2norm_backward, l2norm_forward
 
 
@@ -77,8 +78,8 @@ def supports(cfg) -> bool:
 # 2-core machines, shared with other processes, a parallel launch can cost more than that: numba's
 # default OpenMP layer took ~10 ms per `prange` launch while another process kept the cores busy
 # (benchmarks/README.md). Most loops over the batch write only rows b of their outputs, so they
-# could become a `prange` without changing any sum; the exceptions (the backward kernel of
-# rewrite 3, the scatter-adds) add into shared rows in order.
+# could become a `prange` without changing any sum; the exception, the backward kernel of
+# rewrite 3, adds into the shared rows of dS in order.
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -173,32 +174,19 @@ def _pooled_attention_forward_kernel(q, kv, n_keys, scale, z, pattern):
     # n_keys [B] -> fills z [B, H, Dh],
     # pattern [B, H, T] (zero for keys >= n_keys[b]: the causal mask of the EOT row)
     # replaces, for the pooled row only, ops.attention_core_forward (model.py: ops.attention_forward)
-    B, T, _, H, Dh = kv.shape
+    B, _, _, H, Dh = kv.shape
     zero = q.dtype.type(0)
     for b in range(B):                             # b owns z[b], pattern[b]
         n = n_keys[b]
         for h in range(H):
             p = pattern[b, h]
-            # scores = q . k^T * (1 / sqrt(Dh));  m = max
-            m = zero
+            # scores = q . k^T * (1 / sqrt(Dh)), then their softmax over keys 0..n-1
             for j in range(n):
                 acc = zero
                 for d in range(Dh):
                     acc += q[b, h, d] * kv[b, j, 0, h, d]
-                s = acc * scale
-                p[j] = s
-                if j == 0 or s > m:
-                    m = s
-            # pattern = exp(scores - m) / sum
-            total = zero
-            for j in range(n):
-                e = np.exp(p[j] - m)
-                p[j] = e
-                total += e
-            for j in range(n):
-                p[j] = p[j] / total
-            for j in range(n, T):
-                p[j] = zero
+                p[j] = acc * scale
+            softmax_row(p, n)
             # z = pattern @ v
             for d in range(Dh):
                 z[b, h, d] = zero
@@ -244,31 +232,6 @@ def _pooled_attention_backward_kernel(dz, q, kv, pattern, n_keys, scale, dq, dkv
                 for d in range(Dh):
                     dq[b, h, d] += ds * kv[b, j, 0, h, d]
                     dkv[b, j, 0, h, d] = ds * q[b, h, d]
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _scatter_rows_pos_kernel(rows, posidx, src, tab, pos):
-    # rows [N] int, posidx [N] int, src [N, C] -> adds into zeroed tab [V', C] and pos [T, C]:
-    #   tab[rows[n]] += src[n];  pos[posidx[n]] += src[n]      (backward of the gather above)
-    # Serial (a few hundred microseconds at B = 512): rows are added in order n = 0..N-1, the
-    # order np.add.at uses, and whole contiguous rows at a time so the inner loops vectorise.
-    N, C = src.shape
-    for n in range(N):
-        tr = tab[rows[n]]
-        pr = pos[posidx[n]]
-        sr = src[n]
-        for c in range(C):
-            tr[c] += sr[c]
-        for c in range(C):
-            pr[c] += sr[c]
-
-
-def scatter_rows_pos(rows, posidx, src, n_rows: int, n_pos: int):
-    # rows [N], posidx [N], src [N, C] -> dtab [n_rows, C], dpos [n_pos, C]
-    tab = np.zeros((n_rows, src.shape[1]), dtype=src.dtype)
-    pos = np.zeros((n_pos, src.shape[1]), dtype=src.dtype)
-    _scatter_rows_pos_kernel(rows, posidx, np.ascontiguousarray(src), tab, pos)
-    return tab, pos
 
 
 def distinct_pairs(rows, pos, T: int):
@@ -529,17 +492,3 @@ def loss_and_grads_fast(params, images, tokens, eot, cfg):
     ops.check_ids("tokens", tokens, params["text.W_E"].shape[0])
     return model.two_tower_loss_and_grads(params, images, tokens, eot, cfg,
                                           tower_forward_fast, tower_backward_fast, clip_loss_fast)
-
-
-def warmup(dtypes=("float32", "float64")) -> None:
-    """Compile (or load from the numba cache) every kernel of this file for each dtype."""
-    import dataclasses
-
-    for dt in dtypes:
-        for text_layers in (1, 2):                 # rewrites 2-3 (one layer) and 1 (two layers)
-            cfg = dataclasses.replace(model.ModelConfig(), d_model=4, n_heads=2, d_head=2, dtype=dt,
-                                      vision_vocab=3, text_vocab=4, vision_ctx=3, text_ctx=3,
-                                      text_layers=text_layers)
-            params = model.init_params(cfg, 0)
-            loss_and_grads_fast(params, np.array([[1, 2], [0, 1]]), np.array([[2, 1, 3], [3, 1, 0]]),
-                                np.array([2, 1]), cfg)

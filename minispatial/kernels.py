@@ -83,6 +83,26 @@ def attention_core_forward(q, k, v, causal: bool, parallel: bool | None = None):
     return z, pattern
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def softmax_row(p, n):
+    # p [T], scores in p[:n] -> in place: p[:n] = softmax(p[:n]), p[n:] = 0 (masked keys)
+    #   m = scores.max();  e = np.exp(scores - m);  pattern = e / e.sum()
+    zero = p.dtype.type(0)
+    m = p[0]
+    for j in range(1, n):
+        if p[j] > m:
+            m = p[j]
+    total = zero
+    for j in range(n):
+        e = np.exp(p[j] - m)
+        p[j] = e
+        total += e
+    for j in range(n):
+        p[j] = p[j] / total
+    for j in range(n, p.shape[0]):
+        p[j] = zero
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _attention_forward_bh(q, k, v, causal, scale, z, pattern, b, h):
     # one (b, h): q, k, v [B, T, H, Dh] -> fills pattern[b, h] [T, T] and z[b, :, h] [T, Dh]
@@ -92,26 +112,13 @@ def _attention_forward_bh(q, k, v, causal, scale, z, pattern, b, h):
         # causal: keys j > i are masked (exp(-inf) = 0 in the reference) -> keys 0..n_keys-1
         n_keys = i + 1 if causal else T
         p = pattern[b, h, i]                       # one row [T]: scores, then probabilities
-        # scores = (q @ k^T) * (1 / sqrt(Dh));  m = scores.max(axis=-1)
-        m = zero
+        # scores = (q @ k^T) * (1 / sqrt(Dh))
         for j in range(n_keys):
             acc = zero
             for d in range(Dh):
                 acc += q[b, i, h, d] * k[b, j, h, d]
-            s = acc * scale
-            p[j] = s
-            if j == 0 or s > m:
-                m = s
-        # e = np.exp(scores - m);  pattern = e / e.sum(axis=-1)
-        total = zero
-        for j in range(n_keys):
-            e = np.exp(p[j] - m)
-            p[j] = e
-            total += e
-        for j in range(n_keys):
-            p[j] = p[j] / total
-        for j in range(n_keys, T):                 # masked keys: exactly zero probability
-            p[j] = zero
+            p[j] = acc * scale
+        softmax_row(p, n_keys)                     # masked keys: exactly zero probability
         # z = pattern @ v:  z[b, i, h] = sum_j pattern[i, j] v[b, j, h]
         zi = z[b, i, h]
         for d in range(Dh):
