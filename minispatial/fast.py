@@ -32,7 +32,12 @@ Exact rewrites, all "the same sums in another order":
      every image, one EOT query per EOT position for the captions. Each of the U distinct
      queries q_u is computed once (`distinct_pairs`; sample b uses u = qi[b]);
    - a score is q . (KA[r[b, j]] + KP[j]) = S[u, r[b, j]] + S[u, V' + j] with S = q [KA ; KP]^T
-     ([H, U, V'+T]): the kernels only look scores up (no d_head-long dot products per key);
+     ([H, U, V'+T]): lookups, no d_head-long dot product per key;
+   - the softmax's exp factorises the same way: exp(score - shift) = ES[u, r[b, j]] * ES[u, V' + j]
+     with ES = exp(S / sqrt(Dh) - max), the max taken over the token rows and over the position
+     rows separately (`_exp_tables_kernel`), so there is no exp per key either; a row whose
+     products underflow (its keys all far below the tables' maxima) is recomputed with its own
+     max, as the reference computes every row;
    - z_b,h = sum_j pattern[b, h, j] (VA[r[b, j]] + VP[j]) = C[b, h] @ [VA ; VP]_h, where C bins
      the pattern by table row (and keeps it per position); so the output projection applies to
      the V tables, O_h = [VA ; VP]_h W_O,h, and with the residual row and bias as U more rows,
@@ -83,40 +88,37 @@ def supports(cfg) -> bool:
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _table_scores_kernel(S, qi, r, n_keys, scale, pattern):
-    # S [H, U, V'+T]: each distinct pooled query u against every row of the K tables [KA ; KP],
-    # qi [B]: sample b's query is u = qi[b], r [B, T]: table rows, n_keys [B]
-    #   -> fills pattern [B, H, T] with scores - max(scores), -inf for keys >= n_keys[b]
-    #      (the argument of the softmax's exp, which NumPy then takes in one vectorised call)
+def _exp_tables_kernel(S, Vp, scale, ES):
+    # S [H, U, V'+T] (q_u . [KA ; KP] rows) -> fills ES [H, U, V'+T] with the two factors of the
+    # softmax's exp: exp(scale S - max) taken separately over the token rows (< V') and over the
+    # position rows (>= V'), so that exp(score - shift) = ES[h, u, r[b, j]] * ES[h, u, V' + j]
     H, U, VT = S.shape
-    B, T = r.shape
-    Vp = VT - T
-    for b in range(B):                             # b owns pattern[b]
-        n = n_keys[b]
-        for h in range(H):
-            p = pattern[b, h]
-            s_row = S[h, qi[b]]
-            # scores[j] = (q . KA[r[b, j]] + q . KP[j]) * scale
-            m = (s_row[r[b, 0]] + s_row[Vp]) * scale
-            for j in range(n):
-                s = (s_row[r[b, j]] + s_row[Vp + j]) * scale
-                p[j] = s
-                m = max(m, s)
-            for j in range(n):
-                p[j] -= m
-            for j in range(n, T):
-                p[j] = -np.inf
+    for h in range(H):
+        for u in range(U):
+            row = S[h, u]
+            for lo, hi in ((0, Vp), (Vp, VT)):
+                m = row[lo]
+                for i in range(lo, hi):
+                    m = max(m, row[i])
+                for i in range(lo, hi):
+                    ES[h, u, i] = np.exp((row[i] - m) * scale)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _table_pattern_kernel(qi, r, n_keys, VT, pattern, C):
-    # pattern [B, H, T] = exp(scores - max) (0 for masked keys), VT = V' + T
-    #   -> normalises pattern in place (softmax) and fills C [B, H*VT + U]:
+def _table_pattern_kernel(ES, S, qi, r, n_keys, scale, safe, pattern, C):
+    # ES, S [H, U, V'+T], qi [B]: sample b's query is u = qi[b], r [B, T]: table rows,
+    # n_keys [B], safe: the smallest trusted sum of a row's exps
+    #   -> fills pattern [B, H, T] = softmax of the scores (0 for keys >= n_keys[b]) and
+    #      C [B, H*(V'+T) + U]:
     #      C[b, h*VT + v]      = sum_{j: r[b, j] = v} pattern[b, h, j]   (v < V': the pattern
     #                            binned by table row), so that z_b,h = C[b, h] @ [VA ; VP]_h
     #      C[b, h*VT + V' + j] = pattern[b, h, j]
     #      C[b, H*VT + u]      = 1 if u = qi[b] else 0     (picks the residual row x[b, p_b])
+    # A key's exp is a product of two table entries (no exp per key). If a row's exps add up to
+    # less than `safe` (its keys all score far below the tables' maxima, so they underflow), the
+    # row is recomputed with its own maximum, as the reference does.
     B, H, T = pattern.shape
+    VT = S.shape[2]
     Vp = VT - T
     zero = pattern.dtype.type(0)
     for b in range(B):                             # b owns pattern[b], C[b]
@@ -127,15 +129,26 @@ def _table_pattern_kernel(qi, r, n_keys, VT, pattern, C):
         cb[H * VT + qi[b]] = pattern.dtype.type(1)
         for h in range(H):
             p = pattern[b, h]
+            e = ES[h, qi[b]]
             total = zero
-            for j in range(n):
-                total += p[j]
+            for j in range(n):                     # exp(score_j - shift)
+                w = e[r[b, j]] * e[Vp + j]
+                p[j] = w
+                total += w
+            if not total >= safe:                  # rare: recompute exp(score_j - max_j score_j)
+                s_row = S[h, qi[b]]
+                for j in range(n):
+                    p[j] = (s_row[r[b, j]] + s_row[Vp + j]) * scale
+                softmax_row(p, n)
+                total = pattern.dtype.type(1)
             o = h * VT
             for j in range(n):
                 pj = p[j] / total
                 p[j] = pj
                 cb[o + r[b, j]] += pj
                 cb[o + Vp + j] = pj
+            for j in range(n, T):
+                p[j] = zero
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -234,29 +247,50 @@ def _pooled_attention_backward_kernel(dz, q, kv, pattern, n_keys, scale, dq, dkv
                     dkv[b, j, 0, h, d] = ds * q[b, h, d]
 
 
-def distinct_pairs(rows, pos, T: int):
-    # rows [B], pos [B] (ints, pos < T) -> (rows_u [U], pos_u [U], inverse [B]): the distinct
+@numba.njit(cache=True)
+def distinct_pairs(rows, pos, T):
+    # rows [B], pos [B] (ints >= 0, pos < T) -> (rows_u [U], pos_u [U], inverse [B]): the distinct
     # (row, pos) pairs in increasing order of row * T + pos, and pair u = inverse[b] of sample b
-    key = rows * T + pos
-    seen = np.zeros(int(key.max()) + 1 if key.size else 0, dtype=bool)
-    seen[key] = True
-    uniq = np.flatnonzero(seen)
-    lookup = np.empty(seen.shape[0], dtype=np.int64)
-    lookup[uniq] = np.arange(uniq.shape[0])
-    return uniq // T, uniq % T, lookup[key]
+    B = rows.shape[0]
+    K = 0
+    for b in range(B):
+        K = max(K, rows[b] * T + pos[b] + 1)
+    lookup = np.full(K, -1, dtype=np.int64)        # key -> u (-1: no sample has this pair)
+    for b in range(B):
+        lookup[rows[b] * T + pos[b]] = 0
+    U = 0
+    for k in range(K):
+        if lookup[k] >= 0:
+            lookup[k] = U
+            U += 1
+    rows_u, pos_u = np.empty(U, dtype=np.int64), np.empty(U, dtype=np.int64)
+    for k in range(K):
+        if lookup[k] >= 0:
+            rows_u[lookup[k]] = k // T
+            pos_u[lookup[k]] = k % T
+    inverse = np.empty(B, dtype=np.int64)
+    for b in range(B):
+        inverse[b] = lookup[rows[b] * T + pos[b]]
+    return rows_u, pos_u, inverse
 
 
 def table_attention_forward(S, qi, r, n_keys, Dh: int):
     # S [H, U, V'+T], qi [B], r [B, T], n_keys [B] -> pattern [B, H, T], C [B, H*(V'+T) + U]
     H, U, VT = S.shape
     B, T = r.shape
+    S = np.ascontiguousarray(S)
     scale = S.dtype.type(1.0 / math.sqrt(Dh))      # as the reference: python scale in the dtype
+    ES = np.empty_like(S)
+    _exp_tables_kernel(S, VT - T, scale, ES)
     pattern = np.empty((B, H, T), dtype=S.dtype)
-    _table_scores_kernel(np.ascontiguousarray(S), qi, r, n_keys, scale, pattern)
-    np.exp(pattern, out=pattern)                   # exp(-inf) = 0 for the masked keys
     C = np.empty((B, H * VT + U), dtype=S.dtype)
-    _table_pattern_kernel(qi, r, n_keys, VT, pattern, C)
+    _table_pattern_kernel(ES, S, qi, r, n_keys, scale, _SAFE_SUM[S.dtype], pattern, C)
     return pattern, C
+
+
+# A row's exps adding up to at least this much hold an entry >= sum / T, and the entries that
+# underflowed (each < tiny) add less than T sqrt(tiny) relative to it: as exact as the max shift.
+_SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
 
 
 def table_attention_backward(dC, pattern, qi, r, n_keys, U: int, Dh: int):
@@ -358,8 +392,11 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
         #   O_h = Vtab_h W_O,h   (the output projection applied to the V tables)  [H*(V'+T), D]
         #   X_u = A[r_u] + P[p_u] + b_O   (the residual row of query u, plus the bias)   [U, D]
         W_O = params[f"{last}.attn.W_O"]                                   # [H, Dh, D]
-        O = np.concatenate([np.matmul(Vtab, W_O).reshape(-1, D),
-                            AP[r_u] + AP[Vp + p_u] + params[f"{last}.attn.b_O"]])   # [H*(V'+T) + U, D]
+        HV = H * (Vp + T)
+        O = np.empty((HV + r_u.shape[0], D), dtype=AP.dtype)              # [H*(V'+T) + U, D]
+        np.matmul(Vtab, W_O, out=O[:HV].reshape(H, Vp + T, D))
+        np.add(AP[r_u], AP[Vp + p_u], out=O[HV:])
+        O[HV:] += params[f"{last}.attn.b_O"]
         pooled = C @ O                                                     # [B, D]
         c.update(AP=AP, Wn=Wn, q=q, qi=qi, r_u=r_u, p_u=p_u, Ktab=Ktab, Vtab=Vtab,
                  pattern=pattern, C=C, O=O)

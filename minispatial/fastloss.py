@@ -128,6 +128,7 @@ def _shift_kernel(L, rmax, cmax, er, ec):
 @numba.njit(cache=True, error_model="numpy")
 def _row_col_sum_kernel(er, ec, rsum, csum):
     # er, ec [B, B] -> rsum [B] = er.sum(axis=1), csum [B] = ec.sum(axis=0); one pass
+    # (er and ec may be the same array)
     csum[:] = 0
     for i in range(er.shape[0]):
         rsum[i] = _sum8(er[i])
@@ -146,9 +147,11 @@ def _dlogits_kernel(er, ec, rsum, csum, L, G):
     total = 0.0
     for i in range(B):
         ri = rsum[i]
+        eri = er[i]
+        eci = ec[i]
         Gi = G[i]
         for j in range(B):
-            Gi[j] = er[i, j] / ri + ec[i, j] / csum[j]
+            Gi[j] = eri[j] / ri + eci[j] / csum[j]
         Gi[i] -= two
         total += np.float64(_dot8(Gi, L[i]))
     return total
@@ -178,29 +181,53 @@ def clip_loss_fast(img, txt, logit_scale):
     # img [B, E], txt [B, E] (unit rows), logit_scale 0-d -> (loss, dimg, dtxt, dtau)
     # ops.clip_loss_forward + clip_loss_backward(1.0) in one go, with fewer passes over [B, B]:
     #   - the scale s = exp(tau) multiplies img ([B, E]) before the GEMM, not the logits ([B, B]);
-    #   - each softmax's exp is computed once (the reference's logsumexp and backward each redo
-    #     it), by NumPy (SIMD); the maxima, shifts, sums and dlogits are fused numba passes;
+    #   - ONE exp for both softmaxes: the rows are unit vectors, so every logit is in [-s, s], and
+    #     E = exp(logits - s) is in [exp(-2s), 1]: no overflow, and (while 2s stays below ~87 in
+    #     float32) no underflow. Row i's softmax is E[i] / rsum[i], column j's E[:, j] / csum[j].
+    #     The reference shifts each row and column by its own maximum and takes two exps; if a row
+    #     or column sum comes out too small to trust (a large s, far from the data), this function
+    #     does the same (`_two_exps`). The exp is NumPy's (SIMD); sums and dlogits are numba passes;
     #   - dlogits is left unscaled: its 1/(2B) and the s of the logits multiply the [B, E] GEMM outputs;
     #   - dtau = sum(dlogits * logits) is summed in float64 in the same pass (its terms cancel).
     B = img.shape[0]
     dt = img.dtype
     s = np.exp(logit_scale)                                                # 0-d, the dtype of tau
     logits = (img * s) @ txt.T                                             # [B, B]
-    rmax, cmax = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
-    _row_col_max_kernel(logits, rmax, cmax)
-    e_rows, e_cols = np.empty_like(logits), np.empty_like(logits)
-    _shift_kernel(logits, rmax, cmax, e_rows, e_cols)
-    np.exp(e_rows, out=e_rows)                                             # exp(logits - row max)
-    np.exp(e_cols, out=e_cols)                                             # exp(logits - column max)
+    er = np.subtract(logits, s)
+    np.exp(er, out=er)                                                     # E = exp(logits - s)
     rsum, csum = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
-    _row_col_sum_kernel(e_rows, e_cols, rsum, csum)
+    _row_col_sum_kernel(er, er, rsum, csum)
+    if min(rsum.min(), csum.min()) >= _SAFE_SUM[dt] and max(rsum.max(), csum.max()) < np.inf:
+        ec, rshift, cshift = er, s, s                                      # the one exp holds both
+    else:
+        er, ec, rshift, cshift = _two_exps(logits, rsum, csum)
     diag = np.diagonal(logits)
-    # loss = (mean_i[lse_row_i - diag_i] + mean_j[lse_col_j - diag_j]) / 2
-    loss = 0.5 * ((rmax + np.log(rsum) - diag).mean() + (cmax + np.log(csum) - diag).mean())
-    G = np.empty_like(logits)
-    GL = _dlogits_kernel(e_rows, e_cols, rsum, csum, logits, G)            # G = 2B dlogits
+    # loss = (mean_i[lse_row_i - diag_i] + mean_j[lse_col_j - diag_j]) / 2, lse = shift + log(sum)
+    loss = 0.5 * ((rshift + np.log(rsum) - diag).mean() + (cshift + np.log(csum) - diag).mean())
+    G = np.empty_like(logits)              # not er in place: aliasing would stop the vectorisation
+    GL = _dlogits_kernel(er, ec, rsum, csum, logits, G)                # G = 2B dlogits
     c = s * dt.type(1.0 / (2.0 * B))                                       # s / (2B)
     dimg = (G @ txt) * c                                                   # = s dlogits @ txt
     dtxt = (G.T @ img) * c                                                 # = s dlogits^T @ img
     dtau = np.asarray(GL / (2.0 * B), dtype=dt)                            # sum(dlogits * logits)
     return float(loss), dimg, dtxt, dtau
+
+
+# A row or column sum of E = exp(logits - s) at least this large means the one-exp softmax is as
+# accurate as the shifted ones: the sum holds an element >= sum / B, and the elements that
+# underflowed (each < tiny) add less than B * tiny / sqrt(tiny) = B sqrt(tiny) relative to it.
+_SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+
+
+def _two_exps(logits, rsum, csum):
+    # logits [B, B] -> (er = exp(logits - rmax[:, None]), ec = exp(logits - cmax[None, :]), rmax, cmax),
+    #   and refills rsum, csum with their row and column sums: the reference's shifts
+    B = logits.shape[0]
+    rmax, cmax = np.empty(B, dtype=logits.dtype), np.empty(B, dtype=logits.dtype)
+    _row_col_max_kernel(logits, rmax, cmax)
+    er, ec = np.empty_like(logits), np.empty_like(logits)
+    _shift_kernel(logits, rmax, cmax, er, ec)
+    np.exp(er, out=er)
+    np.exp(ec, out=ec)
+    _row_col_sum_kernel(er, ec, rsum, csum)
+    return er, ec, rmax, cmax
