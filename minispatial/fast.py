@@ -68,7 +68,7 @@ import numpy as np
 
 from minispatial import model, ops
 from minispatial.kernels import softmax_row
-from minispatial.fastloss import clip_loss_fast, l2norm_backward, l2norm_forward
+from minispatial.fastloss import SAFE_SUM, clip_loss_fast, l2norm_backward, l2norm_forward
 
 
 def supports(cfg) -> bool:
@@ -284,13 +284,8 @@ def table_attention_forward(S, qi, r, n_keys, Dh: int):
     _exp_tables_kernel(S, VT - T, scale, ES)
     pattern = np.empty((B, H, T), dtype=S.dtype)
     C = np.empty((B, H * VT + U), dtype=S.dtype)
-    _table_pattern_kernel(ES, S, qi, r, n_keys, scale, _SAFE_SUM[S.dtype], pattern, C)
+    _table_pattern_kernel(ES, S, qi, r, n_keys, scale, SAFE_SUM[S.dtype], pattern, C)
     return pattern, C
-
-
-# A row's exps adding up to at least this much hold an entry >= sum / T, and the entries that
-# underflowed (each < tiny) add less than T sqrt(tiny) relative to it: as exact as the max shift.
-_SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
 
 
 def table_attention_backward(dC, pattern, qi, r, n_keys, U: int, Dh: int):

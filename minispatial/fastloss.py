@@ -197,7 +197,7 @@ def clip_loss_fast(img, txt, logit_scale):
     np.exp(er, out=er)                                                     # E = exp(logits - s)
     rsum, csum = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
     _row_col_sum_kernel(er, er, rsum, csum)
-    if min(rsum.min(), csum.min()) >= _SAFE_SUM[dt] and max(rsum.max(), csum.max()) < np.inf:
+    if min(rsum.min(), csum.min()) >= SAFE_SUM[dt] and max(rsum.max(), csum.max()) < np.inf:
         ec, rshift, cshift = er, s, s                                      # the one exp holds both
     else:
         er, ec, rshift, cshift = _two_exps(logits, rsum, csum)
@@ -213,10 +213,11 @@ def clip_loss_fast(img, txt, logit_scale):
     return float(loss), dimg, dtxt, dtau
 
 
-# A row or column sum of E = exp(logits - s) at least this large means the one-exp softmax is as
-# accurate as the shifted ones: the sum holds an element >= sum / B, and the elements that
-# underflowed (each < tiny) add less than B * tiny / sqrt(tiny) = B sqrt(tiny) relative to it.
-_SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+# The smallest trusted sum of N exps shifted by something other than their own maximum (here the
+# loss's E = exp(logits - s), fast.py's products of two exp tables): the entries that underflowed
+# (each < tiny) add less than N tiny / sqrt(tiny) = N sqrt(tiny) relative to such a sum, so the
+# softmax is as accurate as with the max shift. Below it, the callers redo the max shift.
+SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
 
 
 def _two_exps(logits, rsum, csum):

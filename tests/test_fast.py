@@ -305,13 +305,20 @@ def test_table_attention_forward_and_its_underflow_fallback(dtype):
         want_p, want_C = _direct_softmax_and_bins(S.astype(np.float64), qi, r, n_keys, Dh)
         assert pattern.dtype == C.dtype == np.dtype(dtype)
         assert np.abs(pattern - want_p).max() <= tol and np.abs(C - want_C).max() <= tol
-    # without the fallback (safe = 0), the boosted case is wrong: the test does exercise it
-    ES = np.empty_like(S)
-    scale = S.dtype.type(1 / np.sqrt(Dh))
-    fast._exp_tables_kernel(S, Vp, scale, ES)
-    pattern = np.empty((B, H, T), dtype=dtype)
-    fast._table_pattern_kernel(ES, S, qi, r, n_keys, scale, S.dtype.type(0), pattern, np.empty_like(C))
-    assert not np.allclose(pattern, want_p, atol=tol)
+    # with the fallback off (safe = 0): the products of the exp tables alone give the unboosted
+    # case (so a threshold that always fell back would not hide a wrong product path), and get
+    # the boosted case wrong (so the loop above did exercise the fallback)
+    def products_only():
+        ES = np.empty_like(S)
+        scale = S.dtype.type(1 / np.sqrt(Dh))
+        fast._exp_tables_kernel(S, Vp, scale, ES)
+        pattern = np.empty((B, H, T), dtype=dtype)
+        fast._table_pattern_kernel(ES, S, qi, r, n_keys, scale, S.dtype.type(0), pattern, np.empty_like(C))
+        return pattern
+    assert not np.allclose(products_only(), want_p, atol=tol)
+    S[:, :, Vp - 1] = 0.0
+    want_p = _direct_softmax_and_bins(S.astype(np.float64), qi, r, n_keys, Dh)[0]
+    assert np.abs(products_only() - want_p).max() <= tol
 
 
 def test_distinct_pairs():
