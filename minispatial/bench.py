@@ -22,11 +22,12 @@ FLOPs (multiply-adds count 2; exp, softmax and the optimizer are not counted):
 - naive: the dense step as written in model.py / PyTorch: per tower and layer
   2·B·T·D·3HD (Q, K, V) + 4·B·H·T²·Dh (scores, pattern @ V) + 2·B·T·HD·D (W_O), the projection
   2·B·D·E, the logits 2·B²·E; the backward is twice the forward: naive = 3 × forward.
-- fast: the GEMMs fast.py executes. One-layer tower (per tower, VT = V' + T table rows, U
-  distinct pooled queries: 1 for vision, the distinct EOT positions for text): QKV of the tables
-  2·VT·D·3HD, O = V-table W_O 2·H·VT·Dh·D, scores 2·H·U·VT·Dh, pooled = C @ O 2·B·(H·VT+U)·D;
-  backward dC and dO (2·B·H·VT·D + 2·B·(H·VT+U)·D), dW_O and dV-table (2 × 2·H·VT·Dh·D), dq and
-  dK-table (2 × scores), dW and d(A;P) (2 × 2·VT·D·3HD); the projection 3 × 2·B·D·E; the
+- fast: the matrix products fast.py executes. One-layer tower (per tower, VT = V' + T table
+  rows, U distinct pooled queries: 1 for vision, the distinct EOT positions for text): K and V of
+  the tables 2·VT·D·2HD, the U queries 2·U·D·HD, O = V-table W_O 2·H·VT·Dh·D, scores
+  2·H·U·VT·Dh (a numba kernel), pooled = C @ O 2·B·(H·VT+U)·D; backward dC and dO (2·B·H·VT·D + 2·B·(H·VT+U)·D),
+  dW_O and dV-table (2 × 2·H·VT·Dh·D), dq and dK-table (2 × scores, in a numba kernel), dW_Q and
+  dX_u (2 × 2·U·D·HD), dW_kv and d(A;P) (2 × 2·VT·D·2HD); the projection 3 × 2·B·D·E; the
   logits 6·B²·E. The numba kernels' adds, exp and the softmaxes, the L2 norm and AdamW are not
   counted (they are not matrix products). A multi-layer tower is counted as before: dense earlier
   layers, the pooled row's attention and the last layer's K/V GEMM.
@@ -106,14 +107,16 @@ def fast_flops(cfg, tokens, eot) -> float:
                 T, V = Tt, cfg.text_vocab                                  # distinct (token, eot) pairs
                 U = len(set(zip(tokens[np.arange(B), eot].tolist(), eot.tolist())))
             VT, HV = V + T, H * (V + T)
-            tables = 2 * VT * D * 3 * HD + 2 * H * VT * Dh * D              # QKV = AP W; O = Vtab W_O
+            tables = 2 * VT * D * 2 * HD + 2 * H * VT * Dh * D              # KV = AP W_kv; O = Vtab W_O
+            query = 2 * U * D * HD                                          # q = X_u W_Q
             scores = 2 * H * U * VT * Dh                                    # S = q Ktab^T
             pooled = 2 * B * (HV + U) * D                                   # C @ O
-            fwd = tables + scores + pooled
+            fwd = tables + query + scores + pooled
             bwd = (2 * B * HV * D + 2 * B * (HV + U) * D                    # dC, dO
                    + 2 * 2 * H * VT * Dh * D                                # dW_O, dVtab
                    + 2 * scores                                             # dq, dKtab
-                   + 2 * 2 * VT * D * 3 * HD)                               # dW, dAP
+                   + 2 * query                                              # dW_Q, dX_u
+                   + 2 * 2 * VT * D * 2 * HD)                               # dW_kv, dAP
             total += fwd + bwd + proj
         else:
             T = cfg.vision_ctx if tower == "vision" else Tt

@@ -24,15 +24,16 @@ Exact rewrites, all "the same sums in another order":
 2. Tables (when a tower has ONE layer, so layer 0 is also the last layer). The input is
    X[b, t] = A[r[b, t]] + P[t] with A = [s W_E ; class_embedding] (the CLS row is row V of A,
    used at t = 0 by every image) and P = W_pos[:T]. Projections are linear, so
-        X W_n + b_n = (A W_n)[r] + (P W_n + b_n)          n = Q, K, V: QKV = [A ; P] W, tiny
-   Every query, key and value is the sum of a token-table row and a position-table row.
+        X W_n + b_n = (A W_n)[r] + (P W_n + b_n)          n = K, V: KV = [A ; P] W_kv, tiny
+   Every key and value is the sum of a token-table row and a position-table row.
 
 3. Everything of the pooled row from the tables (one layer, on top of 2 and 1):
    - the pooled row's query depends only on its (table row, position): the same CLS query for
      every image, one EOT query per EOT position for the captions. Each of the U distinct
-     queries q_u is computed once (`distinct_pairs`; sample b uses u = qi[b]);
+     queries q_u = X_u W_Q + b_Q, X_u = A[r_u] + P[p_u], is computed once (`distinct_pairs`;
+     sample b uses u = qi[b]; `_query_kernel`): no query of the other table rows;
    - a score is q . (KA[r[b, j]] + KP[j]) = S[u, r[b, j]] + S[u, V' + j] with S = q [KA ; KP]^T
-     ([H, U, V'+T]): lookups, no d_head-long dot product per key;
+     ([H, U, V'+T], `_table_scores_kernel`): lookups, no d_head-long dot product per key;
    - the softmax's exp factorises the same way: exp(score - shift) = ES[u, r[b, j]] * ES[u, V' + j]
      with ES = exp(S / sqrt(Dh) - max), the max taken over the token rows and over the position
      rows separately (`_exp_tables_kernel`), so there is no exp per key either; a row whose
@@ -45,7 +46,9 @@ Exact rewrites, all "the same sums in another order":
                           O [H*(V'+T) + U, D] (last rows X_u = A[r_u] + P[p_u] + b_O)
      one GEMM per batch; backward dC = dpool O^T, dO = C^T dpool (which also sums dpool per
      query for the residual and b_O), then only table-sized products.
-   Backward of the kernels: dS sums each sample's score gradients into its query's row.
+   Backward of the kernels: dS sums each sample's score gradients into its query's row; dq and
+   the K table's gradient come from dS (`_table_scores_backward_kernel`), dW_Q and the query's
+   share of d X_u from dq (`_query_backward_kernel`).
 
 With more than one layer, layers 0..L-2 run the reference ops (numba attention core) and only
 the last layer uses rewrite 1 on the dense residual stream.
@@ -68,7 +71,7 @@ import numpy as np
 
 from minispatial import model, ops
 from minispatial.kernels import softmax_row
-from minispatial.fastloss import SAFE_SUM, clip_loss_fast, l2norm_backward, l2norm_forward
+from minispatial.fastloss import SAFE_SUM, _dot8, clip_loss_fast, l2norm_backward, l2norm_forward
 
 
 def supports(cfg) -> bool:
@@ -102,6 +105,98 @@ def _exp_tables_kernel(S, Vp, scale, ES):
                     m = max(m, row[i])
                 for i in range(lo, hi):
                     ES[h, u, i] = np.exp((row[i] - m) * scale)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _table_scores_kernel(q, KV, H, S):
+    # q [U, HD] (the distinct pooled queries), KV [V'+T, 2HD] (k | v of each table row, columns
+    # h-major) -> fills S [H, U, V'+T] = q_u,h . k_i,h (a key's score is the sum of its token
+    # row's and its position row's entry)
+    U, HD = q.shape
+    VT = KV.shape[0]
+    Dh = HD // H
+    zero = q.dtype.type(0)
+    for h in range(H):
+        o = h * Dh                                 # head h's columns of q and of k
+        for u in range(U):
+            for i in range(VT):
+                acc = zero
+                for d in range(Dh):
+                    acc += q[u, o + d] * KV[i, o + d]
+                S[h, u, i] = acc
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _table_scores_backward_kernel(dS, q, KV, dKV, dq):
+    # dS [H, U, V'+T], q [U, HD], KV [V'+T, 2HD] -> fills the k columns of dKV [V'+T, 2HD] and
+    # dq [U, HD] (inverts _table_scores_kernel):
+    #   dk_i,h = sum_u dS[h, u, i] q_u,h;   dq_u,h = sum_i dS[h, u, i] k_i,h
+    H, U, VT = dS.shape
+    HD = q.shape[1]
+    Dh = HD // H
+    zero = q.dtype.type(0)
+    for h in range(H):
+        o = h * Dh
+        for i in range(VT):
+            for d in range(Dh):
+                dKV[i, o + d] = zero
+            for u in range(U):
+                w = dS[h, u, i]
+                for d in range(Dh):
+                    dKV[i, o + d] += w * q[u, o + d]
+        for u in range(U):
+            for d in range(Dh):
+                dq[u, o + d] = zero
+            for i in range(VT):
+                w = dS[h, u, i]
+                for d in range(Dh):
+                    dq[u, o + d] += w * KV[i, o + d]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _query_kernel(AP, r_u, p_u, Vp, W_Q, b_Q, X, q):
+    # AP [V'+T, D] (table rows), r_u, p_u [U], W_Q [H, D, Dh], b_Q [H, Dh] -> fills the pooled
+    # rows X [U, D] = AP[r_u] + AP[V' + p_u] and their queries q [U, HD] = X W_Q + b_Q
+    U, D = X.shape
+    H, _, Dh = W_Q.shape
+    zero = q.dtype.type(0)
+    for u in range(U):
+        for k in range(D):
+            X[u, k] = AP[r_u[u], k] + AP[Vp + p_u[u], k]
+        for h in range(H):
+            qh = q[u, h * Dh:(h + 1) * Dh]
+            for d in range(Dh):
+                qh[d] = zero
+            for k in range(D):
+                x = X[u, k]
+                for d in range(Dh):
+                    qh[d] += x * W_Q[h, k, d]
+            for d in range(Dh):
+                qh[d] += b_Q[h, d]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _query_backward_kernel(dq, X, W_Q, dW_Q, dX):
+    # dq [U, HD], X [U, D], W_Q [H, D, Dh] -> fills dW_Q [H, D, Dh] = sum_u X[u]^T dq_u,h and adds
+    # into dX [U, D] the query's share, dq_u W_Q^T (inverts _query_kernel's q = X W_Q + b_Q)
+    U, D = X.shape
+    H, _, Dh = W_Q.shape
+    zero = dq.dtype.type(0)
+    for h in range(H):
+        for k in range(D):
+            w = dW_Q[h, k]
+            for d in range(Dh):
+                w[d] = zero
+            for u in range(U):
+                x = X[u, k]
+                for d in range(Dh):
+                    w[d] += x * dq[u, h * Dh + d]
+    for u in range(U):
+        for k in range(D):
+            acc = zero
+            for h in range(H):
+                acc += _dot8(dq[u, h * Dh:(h + 1) * Dh], W_Q[h, k])
+            dX[u, k] += acc
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -247,6 +342,15 @@ def _pooled_attention_backward_kernel(dz, q, kv, pattern, n_keys, scale, dq, dkv
                     dkv[b, j, 0, h, d] = ds * q[b, h, d]
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _add_rows(dst, idx, src):
+    # dst [N, D], idx [M], src [M, D] -> in place dst[idx[m]] += src[m], m = 0..M-1 in order
+    #   (np.add.at(dst, idx, src): repeated indices add up)
+    for m in range(idx.shape[0]):
+        for d in range(src.shape[1]):
+            dst[idx[m], d] += src[m, d]
+
+
 @numba.njit(cache=True)
 def distinct_pairs(rows, pos, T):
     # rows [B], pos [B] (ints >= 0, pos < T) -> (rows_u [U], pos_u [U], inverse [B]): the distinct
@@ -320,12 +424,27 @@ def pooled_attention_backward(dz, q, kv, pattern, n_keys):
 # --------------------------------------------------------------------------------------------
 # one tower
 
-def _qkv_weights(params, b: str):
-    # -> W_qkv [D, 3HD] (Q | K | V, columns h-major as ops.attention_forward), b_qkv [3HD]
-    Ws = [params[f"{b}.attn.W_{n}"] for n in ("Q", "K", "V")]               # each [H, D, Dh]
-    W = np.concatenate([w.transpose(1, 0, 2).reshape(w.shape[1], -1) for w in Ws], axis=1)
-    bias = np.concatenate([params[f"{b}.attn.b_{n}"].reshape(-1) for n in ("Q", "K", "V")])
-    return W, bias
+@numba.njit(cache=True, error_model="numpy")
+def _pack_weight_kernel(w, i, W):
+    # w [H, D, Dh] -> W[:, i] = w.transpose(1, 0, 2), W [D, n, H, Dh]; reads w in memory order
+    # (NumPy's copy walks W's order instead, jumping through w: ~2x slower when w is not in cache,
+    # as right after the optimizer step)
+    H, D, Dh = w.shape
+    for h in range(H):
+        for k in range(D):
+            for d in range(Dh):
+                W[k, i, h, d] = w[h, k, d]
+
+
+def _qkv_weights(params, b: str, names: str = "QKV"):
+    # -> W [D, len(names) HD] (e.g. Q | K | V, columns h-major as ops.attention_forward), bias [len(names) HD]
+    Ws = [params[f"{b}.attn.W_{n}"] for n in names]                         # each [H, D, Dh]
+    H, D, Dh = Ws[0].shape
+    W = np.empty((D, len(Ws), H, Dh), dtype=Ws[0].dtype)
+    for i, w in enumerate(Ws):
+        _pack_weight_kernel(w, i, W)
+    bias = np.concatenate([params[f"{b}.attn.b_{n}"].reshape(-1) for n in names])
+    return W.reshape(D, len(Ws) * H * Dh), bias
 
 
 def _split_qkv_grads(g: dict, b: str, dW_qkv, db_qkv, H: int, Dh: int) -> None:
@@ -367,34 +486,37 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
     if n_layers == 1:
         # rewrites 2 + 3: everything from the tables (model.py: ops.attention_forward)
         Vp = A.shape[0]
+        VT = Vp + T
         AP = np.concatenate([A, P])                                        # [V'+T, D]: the table rows
-        Wn = np.stack([params[f"{last}.attn.W_{n}"] for n in "QKV"])       # [3, H, D, Dh]
-        bn = np.stack([params[f"{last}.attn.b_{n}"] for n in "QKV"])       # [3, H, Dh]
-        # q, k, v of every table row: QKV[n, h] = [A W_n,h ; P W_n,h + b_n,h]
-        QKV = np.matmul(AP, Wn)                                            # [3, H, V'+T, Dh]
-        QKV[:, :, Vp:] += bn[:, :, None, :]                                # biases on the position rows
-        Ktab, Vtab = QKV[1], QKV[2]                                        # [H, V'+T, Dh] each
+        # k and v of every table row: KV = [A ; P] W_kv, + the biases on the position rows
+        W_kv, b_kv = _qkv_weights(params, last, "KV")                      # [D, 2HD], [2HD]
+        KV = AP @ W_kv                                                     # [V'+T, 2HD] (k | v)
+        KV[Vp:] += b_kv
         # the pooled row's query depends on (its table row, its position) only: the CLS row at 0
         # for every image, the EOT row at one of a few positions for the captions. Compute each
         # distinct query once: q_u for u = 0..U-1, sample b uses u = qi[b]
         r_u, p_u, qi = distinct_pairs(r_pool, pool, T)                     # [U], [U], [B]
-        q = QKV[0][:, r_u] + QKV[0][:, Vp + p_u]                           # [H, U, Dh]
-        # S[h, u, i] = q_u,h . Ktab[h, i]: the score of key j of sample b is
+        U = r_u.shape[0]
+        # query u's row of the residual stream, X_u = AP[r_u] + AP[V' + p_u], and q_u = X_u W_Q + b_Q
+        X_u, q = np.empty((U, D), dtype=AP.dtype), np.empty((U, HD), dtype=AP.dtype)
+        _query_kernel(AP, r_u, p_u, Vp, params[f"{last}.attn.W_Q"], params[f"{last}.attn.b_Q"], X_u, q)
+        # S[h, u, i] = q_u,h . k_i,h: the score of key j of sample b is
         #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]
-        S = np.matmul(q, Ktab.transpose(0, 2, 1))                          # [H, U, V'+T]
+        S = np.empty((H, U, VT), dtype=KV.dtype)
+        _table_scores_kernel(q, KV, H, S)
         pattern, C = table_attention_forward(S, qi, r, n_keys, Dh)         # [B, H, T], [B, H*(V'+T) + U]
         # pooled_b = x[b, p_b] + sum_h z_b,h W_O,h + b_O = C[b] @ O with, stacked in rows,
         #   O_h = Vtab_h W_O,h   (the output projection applied to the V tables)  [H*(V'+T), D]
-        #   X_u = A[r_u] + P[p_u] + b_O   (the residual row of query u, plus the bias)   [U, D]
+        #   X_u + b_O            (the residual row of query u, plus the bias)     [U, D]
         W_O = params[f"{last}.attn.W_O"]                                   # [H, Dh, D]
-        HV = H * (Vp + T)
-        O = np.empty((HV + r_u.shape[0], D), dtype=AP.dtype)              # [H*(V'+T) + U, D]
-        np.matmul(Vtab, W_O, out=O[:HV].reshape(H, Vp + T, D))
-        np.add(AP[r_u], AP[Vp + p_u], out=O[HV:])
-        O[HV:] += params[f"{last}.attn.b_O"]
+        Vtab = KV[:, HD:].reshape(VT, H, Dh).transpose(1, 0, 2)            # [H, V'+T, Dh] (a view)
+        HV = H * VT
+        O = np.empty((HV + U, D), dtype=AP.dtype)                          # [H*(V'+T) + U, D]
+        np.matmul(Vtab, W_O, out=O[:HV].reshape(H, VT, D))
+        np.add(X_u, params[f"{last}.attn.b_O"], out=O[HV:])
         pooled = C @ O                                                     # [B, D]
-        c.update(AP=AP, Wn=Wn, q=q, qi=qi, r_u=r_u, p_u=p_u, Ktab=Ktab, Vtab=Vtab,
-                 pattern=pattern, C=C, O=O)
+        c.update(AP=AP, W_kv=W_kv, KV=KV, X_u=X_u, q=q, qi=qi, r_u=r_u, p_u=p_u,
+                 Vtab=Vtab, pattern=pattern, C=C, O=O)
     else:
         # layers 0..L-2: the reference blocks (numba attention core), dense x [B, T, D]
         x = A[r] + P
@@ -442,37 +564,38 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
     W_O = params[f"{last}.attn.W_O"]                                       # [H, Dh, D]
 
     if n_layers == 1:
-        AP, Wn, q, Ktab, Vtab, C, O = c["AP"], c["Wn"], c["q"], c["Ktab"], c["Vtab"], c["C"], c["O"]
-        r_u, p_u, U = c["r_u"], c["p_u"], c["q"].shape[1]
-        HV = H * (Vp + T)
+        AP, W_kv, KV, X_u, q, Vtab, C, O = (c[k] for k in ("AP", "W_kv", "KV", "X_u", "q", "Vtab", "C", "O"))
+        r_u, p_u, U = c["r_u"], c["p_u"], q.shape[0]
+        VT = Vp + T
+        HV = H * VT
         # inverts pooled = C @ O: dC of the pattern part (the one-hot part needs none) and dO
         dC = dpool @ O[:HV].T                                              # [B, H*(V'+T)]
         dO = C.T @ dpool                                                   # [H*(V'+T) + U, D]
-        dX = dO[HV:]                                                       # [U, D] = d X_u
-        # inverts O_h = Vtab_h W_O,h
-        dO = dO[:HV].reshape(H, Vp + T, D)
-        g[f"{last}.attn.W_O"] = np.matmul(Vtab.transpose(0, 2, 1), dO)     # [H, Dh, D]
-        dQKV = np.empty_like(c["AP"], shape=(3, H, Vp + T, Dh))
-        np.matmul(dO, W_O.transpose(0, 2, 1), out=dQKV[2])                 # d Vtab
-        # inverts pattern, C = softmax of the table scores (kernel), then S = q Ktab^T
-        dS = table_attention_backward(dC, pattern, c["qi"], r, c["n_keys"], U, Dh)   # [H, U, V'+T]
-        dq = np.matmul(dS, Ktab)                                           # [H, U, Dh]
-        np.matmul(dS.transpose(0, 2, 1), q, out=dQKV[1])                   # d Ktab
-        # inverts q_u = QKV[0][:, r_u] + QKV[0][:, V' + p_u]
-        dQKV[0] = 0
-        np.add.at(dQKV[0], (slice(None), r_u), dq)
-        np.add.at(dQKV[0], (slice(None), Vp + p_u), dq)
-        # inverts QKV = AP W (+ b on the position rows)
-        dW = np.matmul(AP.T, dQKV)                                         # [3, H, D, Dh]
-        db = dQKV[:, :, Vp:].sum(axis=2)                                   # [3, H, Dh]
-        for i, n in enumerate("QKV"):
-            g[f"{last}.attn.W_{n}"] = dW[i]
-            g[f"{last}.attn.b_{n}"] = db[i]
-        dAP = np.matmul(dQKV.reshape(3 * H, Vp + T, Dh), Wn.reshape(3 * H, D, Dh).transpose(0, 2, 1)).sum(axis=0)
-        # inverts X_u = AP[r_u] + AP[V' + p_u] + b_O (the residual row and the output bias)
-        np.add.at(dAP, r_u, dX)
-        np.add.at(dAP, Vp + p_u, dX)
+        dX = dO[HV:].copy()                                                # [U, D] = d (X_u + b_O)
         g[f"{last}.attn.b_O"] = dX.sum(axis=0)
+        # inverts O_h = Vtab_h W_O,h
+        dO = dO[:HV].reshape(H, VT, D)
+        g[f"{last}.attn.W_O"] = np.matmul(Vtab.transpose(0, 2, 1), dO)     # [H, Dh, D]
+        dKV = np.empty_like(KV)                                            # [V'+T, 2HD]
+        np.matmul(dO, W_O.transpose(0, 2, 1), out=dKV[:, HD:].reshape(VT, H, Dh).transpose(1, 0, 2))
+        # inverts pattern, C = softmax of the table scores (kernel), then S = q k^T
+        dS = table_attention_backward(dC, pattern, c["qi"], r, c["n_keys"], U, Dh)   # [H, U, V'+T]
+        dq = np.empty_like(q)                                              # [U, HD]
+        _table_scores_backward_kernel(dS, q, KV, dKV, dq)                  # dq and the k columns
+        # inverts q = X_u W_Q + b_Q: dW_Q, db_Q, and dX (= d X_u) gets the query's share
+        g[f"{last}.attn.W_Q"] = np.empty_like(params[f"{last}.attn.W_Q"])   # [H, D, Dh]
+        _query_backward_kernel(dq, X_u, params[f"{last}.attn.W_Q"], g[f"{last}.attn.W_Q"], dX)
+        g[f"{last}.attn.b_Q"] = dq.sum(axis=0).reshape(H, Dh)
+        # inverts KV = AP W_kv (+ b on the position rows): dW per (K|V, head) as the params
+        dW = np.matmul(AP.T, dKV.reshape(VT, 2 * H, Dh).transpose(1, 0, 2))   # [2H, D, Dh]
+        db = dKV[Vp:].sum(axis=0).reshape(2 * H, Dh)                          # [2H, Dh]
+        for i, n in enumerate("KV"):
+            g[f"{last}.attn.W_{n}"] = dW[i * H:(i + 1) * H]
+            g[f"{last}.attn.b_{n}"] = db[i * H:(i + 1) * H]
+        dAP = (W_kv @ dKV.T).T                                             # [V'+T, D] (a view)
+        # inverts X_u = AP[r_u] + AP[V' + p_u] (the pooled rows: residual and query)
+        _add_rows(dAP, r_u, dX)
+        _add_rows(dAP, Vp + p_u, dX)
         dA, dP = dAP[:Vp], dAP[Vp:]                                        # [V', D], [T, D]
     else:
         kv, z, x2, q, r_pool, W_qkv = c["kv"], c["z"], c["x2"], c["q"], c["r_pool"], c["W_qkv"]

@@ -7,9 +7,12 @@ Legend: B batch, E feature width.
 order (tests/test_fast.py holds them to the reference). fast.py's step uses them.
 
 Kernels: `cache=True`, `error_model="numpy"` (IEEE division, so loops vectorise), no fastmath,
-serial. Row reductions (sums, dot products, maxima) keep 8 partial results in 8 scalars, so LLVM
-vectorises them without fastmath; column reductions add row after row, in order. With
-NUMBA_DISABLE_JIT=1 the same loops run as Python.
+serial. Without fastmath LLVM may not reorder a float sum, so it vectorises elementwise loops
+(column reductions, which add row after row, in order; the dlogits pass) but not a reduction
+along a row: those (dot products, maxima) keep 8 partial results in 8 scalars, 8 independent
+chains (~1 element per cycle, scalar), and the one that matters at B 512, the row sums of the
+[B, B] exps, is a BLAS matrix-vector product. With NUMBA_DISABLE_JIT=1 the same loops run as
+Python.
 """
 
 from __future__ import annotations
@@ -39,27 +42,6 @@ def _dot8(x, y):
     s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     for j in range(n8, n):
         s += x[j] * y[j]
-    return s
-
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _sum8(x):
-    # x [N] -> sum_i x[i]
-    n = x.shape[0]
-    n8 = n - n % 8
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = x.dtype.type(0)
-    for j in range(0, n8, 8):
-        a0 += x[j]
-        a1 += x[j + 1]
-        a2 += x[j + 2]
-        a3 += x[j + 3]
-        a4 += x[j + 4]
-        a5 += x[j + 5]
-        a6 += x[j + 6]
-        a7 += x[j + 7]
-    s = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    for j in range(n8, n):
-        s += x[j]
     return s
 
 
@@ -126,34 +108,55 @@ def _shift_kernel(L, rmax, cmax, er, ec):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _row_col_sum_kernel(er, ec, rsum, csum):
-    # er, ec [B, B] -> rsum [B] = er.sum(axis=1), csum [B] = ec.sum(axis=0); one pass
-    # (er and ec may be the same array)
+def _col_sum_kernel(ec, csum):
+    # ec [B, B] -> fills csum [B] = ec.sum(axis=0): row after row, in order (an elementwise loop
+    # over the columns, which LLVM vectorises)
     csum[:] = 0
-    for i in range(er.shape[0]):
-        rsum[i] = _sum8(er[i])
+    for i in range(ec.shape[0]):
         eci = ec[i]
         for j in range(ec.shape[1]):
             csum[j] += eci[j]
 
 
+def _row_col_sums(er, ec):
+    # er, ec [B, B] -> (rsum [B] = er.sum(axis=1), csum [B] = ec.sum(axis=0)). The row sums are
+    # a BLAS matrix-vector product with ones: numba does not vectorise a row reduction without
+    # fastmath (it may not reorder the sum), BLAS does, ~4x faster
+    csum = np.empty(ec.shape[1], dtype=ec.dtype)
+    _col_sum_kernel(ec, csum)
+    return er @ np.ones(er.shape[1], dtype=er.dtype), csum
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _dlogits_kernel(er, ec, rsum, csum, L, G):
-    # fills G [B, B] = er / rsum[:, None] + ec / csum[None, :] - 2 I
-    #   (= 2B dlogits: softmax over rows minus I plus softmax over columns minus I)
-    # -> returns sum(G * L) (= 2B dtau), each row's sum accumulated in float64 (the terms cancel)
+def _dlogits_kernel(er, ec, rsum, csum, L, c, G):
+    # fills G [B, B] = c (er / rsum[:, None] + ec / csum[None, :] - 2 I)
+    #   (c times 2B dlogits: softmax over rows minus I plus softmax over columns minus I)
+    # -> returns sum((G / c) * L) (= 2B dtau) summed in float64 (its terms cancel): one float64
+    #    sum per column, row after row (elementwise over the columns, so the loop vectorises),
+    #    then the columns' sums in order
+    # The two divisions are one, (er cj + ec ri) / (ri cj): the sums are >= SAFE_SUM, so ri cj does
+    # not underflow; with B = 1 the entry is 2p / p = 2 exactly, and the gradient exactly 0.
     B = er.shape[0]
     two = er.dtype.type(2)
-    total = 0.0
+    acc = np.zeros(B)                              # float64, one per column
     for i in range(B):
         ri = rsum[i]
         eri = er[i]
         eci = ec[i]
+        Li = L[i]
         Gi = G[i]
         for j in range(B):
-            Gi[j] = eri[j] / ri + eci[j] / csum[j]
-        Gi[i] -= two
-        total += np.float64(_dot8(Gi, L[i]))
+            cj = csum[j]
+            g = (eri[j] * cj + eci[j] * ri) / (ri * cj)
+            acc[j] += np.float64(g) * np.float64(Li[j])
+            Gi[j] = g * c
+        # the diagonal minus 2 (I): its term in acc was g L_ii, it is (g - 2) L_ii
+        g = (eri[i] * csum[i] + eci[i] * ri) / (ri * csum[i]) - two
+        acc[i] -= 2.0 * np.float64(Li[i])
+        Gi[i] = g * c
+    total = 0.0
+    for j in range(B):
+        total += acc[j]
     return total
 
 
@@ -186,8 +189,9 @@ def clip_loss_fast(img, txt, logit_scale):
     #     float32) no underflow. Row i's softmax is E[i] / rsum[i], column j's E[:, j] / csum[j].
     #     The reference shifts each row and column by its own maximum and takes two exps; if a row
     #     or column sum comes out too small to trust (a large s, far from the data), this function
-    #     does the same (`_two_exps`). The exp is NumPy's (SIMD); sums and dlogits are numba passes;
-    #   - dlogits is left unscaled: its 1/(2B) and the s of the logits multiply the [B, E] GEMM outputs;
+    #     does the same (`_two_exps`). The exp is NumPy's (SIMD), the row sums BLAS's, column sums
+    #     and dlogits are numba passes;
+    #   - dlogits carries the s of the logits and the 1/(2B) of the mean, so the GEMMs give dimg, dtxt;
     #   - dtau = sum(dlogits * logits) is summed in float64 in the same pass (its terms cancel).
     B = img.shape[0]
     dt = img.dtype
@@ -195,20 +199,19 @@ def clip_loss_fast(img, txt, logit_scale):
     logits = (img * s) @ txt.T                                             # [B, B]
     er = np.subtract(logits, s)
     np.exp(er, out=er)                                                     # E = exp(logits - s)
-    rsum, csum = np.empty(B, dtype=dt), np.empty(B, dtype=dt)
-    _row_col_sum_kernel(er, er, rsum, csum)
+    rsum, csum = _row_col_sums(er, er)
     if min(rsum.min(), csum.min()) >= SAFE_SUM[dt] and max(rsum.max(), csum.max()) < np.inf:
         ec, rshift, cshift = er, s, s                                      # the one exp holds both
     else:
-        er, ec, rshift, cshift = _two_exps(logits, rsum, csum)
+        er, ec, rshift, cshift, rsum, csum = _two_exps(logits)
     diag = np.diagonal(logits)
     # loss = (mean_i[lse_row_i - diag_i] + mean_j[lse_col_j - diag_j]) / 2, lse = shift + log(sum)
     loss = 0.5 * ((rshift + np.log(rsum) - diag).mean() + (cshift + np.log(csum) - diag).mean())
-    G = np.empty_like(logits)              # not er in place: aliasing would stop the vectorisation
-    GL = _dlogits_kernel(er, ec, rsum, csum, logits, G)                # G = 2B dlogits
     c = s * dt.type(1.0 / (2.0 * B))                                       # s / (2B)
-    dimg = (G @ txt) * c                                                   # = s dlogits @ txt
-    dtxt = (G.T @ img) * c                                                 # = s dlogits^T @ img
+    G = np.empty_like(logits)              # not er in place: aliasing would stop the vectorisation
+    GL = _dlogits_kernel(er, ec, rsum, csum, logits, c, G)             # G = s dlogits
+    dimg = G @ txt                                                         # = s dlogits @ txt
+    dtxt = G.T @ img                                                       # = s dlogits^T @ img
     dtau = np.asarray(GL / (2.0 * B), dtype=dt)                            # sum(dlogits * logits)
     return float(loss), dimg, dtxt, dtau
 
@@ -220,9 +223,9 @@ def clip_loss_fast(img, txt, logit_scale):
 SAFE_SUM = {np.dtype(t): np.sqrt(np.finfo(t).tiny) for t in (np.float32, np.float64)}
 
 
-def _two_exps(logits, rsum, csum):
-    # logits [B, B] -> (er = exp(logits - rmax[:, None]), ec = exp(logits - cmax[None, :]), rmax, cmax),
-    #   and refills rsum, csum with their row and column sums: the reference's shifts
+def _two_exps(logits):
+    # logits [B, B] -> (er = exp(logits - rmax[:, None]), ec = exp(logits - cmax[None, :]), rmax, cmax,
+    #   rsum, csum): the reference's shifts, and the row sums of er and column sums of ec
     B = logits.shape[0]
     rmax, cmax = np.empty(B, dtype=logits.dtype), np.empty(B, dtype=logits.dtype)
     _row_col_max_kernel(logits, rmax, cmax)
@@ -230,5 +233,4 @@ def _two_exps(logits, rsum, csum):
     _shift_kernel(logits, rmax, cmax, er, ec)
     np.exp(er, out=er)
     np.exp(ec, out=ec)
-    _row_col_sum_kernel(er, ec, rsum, csum)
-    return er, ec, rmax, cmax
+    return (er, ec, rmax, cmax) + _row_col_sums(er, ec)

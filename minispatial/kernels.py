@@ -283,6 +283,18 @@ def _adamw_kernel(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_be
         p[i] = pi - (step_size * mi) / (np.sqrt(vi) / sqrt_bc2 + eps)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _adamw_segments_kernel(p, g, m, v, ends, decays, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                           sqrt_bc2, eps, step_size):
+    # p, g, m, v [N]: every tensor one after the other, tensor s in [ends[s-1], ends[s]) with its
+    # own decay -> the per-tensor kernel above on each segment (the same operations per element)
+    start = 0
+    for s in range(ends.shape[0]):
+        _adamw_kernel(p[start:ends[s]], g[start:ends[s]], m[start:ends[s]], v[start:ends[s]], decays[s],
+                      beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step_size)
+        start = ends[s]
+
+
 def adamw_constants(dtype, beta1: float, beta2: float, sqrt_bc2: float, eps: float,
                     step_size: float) -> tuple:
     """The scalars of `adamw_update`, rounded to `dtype` once per step (as NumPy rounds them)."""
@@ -302,21 +314,43 @@ def adamw_update(p, g, m, v, decay: float, consts: tuple) -> None:
     _adamw_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), p.dtype.type(decay), *consts)
 
 
+def adamw_update_flat(p, g, m, v, ends, decays, consts: tuple) -> None:
+    """`adamw_update` of every tensor in one call: p, g, m, v [N] hold the tensors one after the
+    other, tensor s ends at ends[s] (int64, increasing, the last = N) and has decays[s]."""
+    for a in (g, m, v):
+        if a.shape != p.shape or a.dtype != p.dtype or not a.flags.c_contiguous:
+            raise ValueError(f"adamw_update_flat: an array {a.shape} {a.dtype} does not match the "
+                             f"parameters {p.shape} {p.dtype} or is not C-contiguous")
+    if p.ndim != 1 or not p.flags.c_contiguous or ends.shape != decays.shape or ends[-1] != p.shape[0]:
+        raise ValueError("adamw_update_flat: p must be flat and C-contiguous, ends and decays of one "
+                         "length, ends[-1] = len(p)")
+    _adamw_segments_kernel(p, g, m, v, ends, decays.astype(p.dtype), *consts)
+
+
+SUM_LANES = 64
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_squares_kernel(x):
-    # x [N] -> sum of x^2 in float64, with 8 partial sums (so the loop vectorises without fastmath)
-    acc = np.zeros(8)
-    n8 = x.shape[0] - x.shape[0] % 8
-    for i in range(0, n8, 8):
-        for k in range(8):
-            xi = np.float64(x[i + k])
-            acc[k] += xi * xi
+    # x [N] -> sum of x^2 in float64. Lane j (of SUM_LANES) sums elements j, j + 64, j + 128, ...
+    # in order, then the tail and the lanes are added in order: the lane update is an elementwise
+    # loop, which LLVM vectorises (a plain running sum it may not reorder, so it would stay scalar)
+    n = x.shape[0]
+    m = n // SUM_LANES
     total = 0.0
-    for i in range(n8, x.shape[0]):
+    for i in range(m * SUM_LANES, n):
         xi = np.float64(x[i])
         total += xi * xi
-    for k in range(8):
-        total += acc[k]
+    if m == 0:
+        return total
+    acc = np.zeros(SUM_LANES)
+    for i in range(m):
+        xs = x[i * SUM_LANES:(i + 1) * SUM_LANES]
+        for j in range(SUM_LANES):
+            xj = np.float64(xs[j])
+            acc[j] += xj * xj
+    for j in range(SUM_LANES):
+        total += acc[j]
     return total
 
 
@@ -341,4 +375,5 @@ def warmup() -> None:
                              parallel=parallel)
         p, g, m, v = (np.ones(3, dtype=dt) for _ in range(4))
         adamw_update(p, g, m, v, 1.0, adamw_constants(dt, 0.9, 0.99, 1.0, 1e-8, 1e-3))
+        adamw_update_flat(p, g, m, v, np.array([1, 3]), np.ones(2), adamw_constants(dt, 0.9, 0.99, 1.0, 1e-8, 1e-3))
         sum_squares(g)

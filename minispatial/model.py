@@ -26,6 +26,7 @@ Hook names (for `record` / `hooks`) follow TransformerLens too, with the tower p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -172,16 +173,22 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     return params
 
 
+@functools.lru_cache(maxsize=32)
+def _shapes_and_dtype(cfg: ModelConfig) -> tuple:
+    # check_params runs every step: param_shapes once per config
+    return tuple(param_shapes(cfg).items()), np.dtype(cfg.dtype)
+
+
 def check_params(params: dict, cfg: ModelConfig) -> None:
     """Every expected tensor present with the right shape and dtype; nothing extra."""
-    shapes = param_shapes(cfg)
-    missing = [n for n in shapes if n not in params]
-    extra = [n for n in params if n not in shapes]
-    if missing or extra:
+    shapes, dt = _shapes_and_dtype(cfg)
+    if len(params) != len(shapes) or any(n not in params for n, _ in shapes):
+        missing = [n for n, _ in shapes if n not in params]
+        extra = [n for n in params if n not in dict(shapes)]
         raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
-    for n, s in shapes.items():
+    for n, s in shapes:
         a = params[n]
-        if not isinstance(a, np.ndarray) or a.shape != s or a.dtype != np.dtype(cfg.dtype):
+        if not isinstance(a, np.ndarray) or a.shape != s or a.dtype != dt:
             got = (a.shape, a.dtype) if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"param {n} is {got}: expected shape {s} dtype {cfg.dtype}")
 

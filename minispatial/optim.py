@@ -28,10 +28,52 @@ def decayed(name: str, decay_embeddings: bool) -> bool:
 
 
 def adamw_init(params: dict) -> dict:
-    """Optimizer state: first and second moments (zeros like each param) and the step count t."""
-    return {"t": 0,
-            "m": {n: np.zeros_like(p) for n, p in params.items()},
-            "v": {n: np.zeros_like(p) for n, p in params.items()}}
+    """Optimizer state: first and second moments (zeros like each param) and the step count t.
+    Also `flatten`s params and moments (one array each, the dicts hold views of it)."""
+    state = {"t": 0,
+             "m": {n: np.zeros_like(p) for n, p in params.items()},
+             "v": {n: np.zeros_like(p) for n, p in params.items()}}
+    flatten(params, state)
+    return state
+
+
+def flatten(params: dict, state: dict) -> None:
+    """Move every parameter and both moments into one flat array each: the dict entries become
+    views of it (same shapes, same values), so that the numba backend's AdamW updates all
+    tensors in one kernel call per step instead of one per tensor, with bitwise the same results.
+    `adamw_init` calls it; so does the trainer after loading a checkpoint. A no-op if the tensors
+    do not share one dtype. If an entry is later replaced by another array, `adamw_step` notices
+    and updates tensor by tensor."""
+    names = list(params)
+    arrays = [d[n] for d in (params, state["m"], state["v"]) for n in names]
+    if not names or len({a.dtype for a in arrays}) != 1:
+        return
+    ends = np.cumsum([params[n].size for n in names])
+    flat = {"names": names, "ends": ends,
+            "decayed": {de: np.array([decayed(n, de) for n in names]) for de in (False, True)},
+            "g": np.empty(int(ends[-1]), dtype=arrays[0].dtype)}
+    for key, d in (("p", params), ("m", state["m"]), ("v", state["v"])):
+        buf = np.empty(int(ends[-1]), dtype=arrays[0].dtype)
+        for n, e in zip(names, ends):
+            shape = d[n].shape
+            buf[e - d[n].size:e] = d[n].reshape(-1)
+            d[n] = buf[e - d[n].size:e].reshape(shape)
+        flat[key] = buf
+    flat["views"] = [(params[n], state["m"][n], state["v"][n]) for n in names]
+    state["flat"] = flat
+
+
+def _flat_views(params: dict, state: dict, grads: dict):
+    # -> state["flat"] if params and moments are still its views (and grads match them), else None
+    flat = state.get("flat")
+    if flat is None or len(params) != len(flat["names"]):
+        return None
+    m, v = state["m"], state["v"]
+    for n, (pv, mv, vv) in zip(flat["names"], flat["views"]):
+        g = grads[n]
+        if params[n] is not pv or m[n] is not mv or v[n] is not vv or g.shape != pv.shape or g.dtype != pv.dtype:
+            return None
+    return flat
 
 
 def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, beta2: float,
@@ -39,12 +81,21 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
     """One AdamW update of every parameter, in place (params and state).
 
     The NumPy lines below are the reference; with the "numba" backend, kernels.adamw_update does
-    the same operations in one pass per tensor (bitwise the same results, tests/test_optim.py)."""
+    the same operations in one pass per tensor (bitwise the same results, tests/test_optim.py),
+    and over all tensors in one call (kernels.adamw_update_flat) when they are `flatten`ed."""
     state["t"] += 1
     t = state["t"]
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
     fused = _use_kernels()
+    if fused and (flat := _flat_views(params, state, grads)) is not None:
+        g = flat["g"]
+        np.concatenate([grads[n].reshape(-1) for n in flat["names"]], out=g)
+        decays = np.where(flat["decayed"][decay_embeddings], 1.0 - lr * weight_decay, 1.0) if weight_decay \
+            else np.ones(len(flat["names"]))
+        consts = fused.adamw_constants(g.dtype, beta1, beta2, math.sqrt(bc2), eps, lr / bc1)
+        fused.adamw_update_flat(flat["p"], g, flat["m"], flat["v"], flat["ends"], decays, consts)
+        return
     consts = {}                                        # per dtype, for the kernel
     for n, p in params.items():
         g = grads[n]

@@ -29,7 +29,7 @@ from minispatial import config as config_mod
 from minispatial import ops
 from minispatial.data import make_testbed, sample_batch
 from minispatial.model import check_params, init_params, loss_and_grads
-from minispatial.optim import adamw_init, adamw_step, clamp_logit_scale, clip_grads, lr_at
+from minispatial.optim import adamw_init, adamw_step, clamp_logit_scale, clip_grads, flatten, lr_at
 
 CHECKPOINT = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -160,6 +160,7 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
     # 1. state: fresh, or from the checkpoint (whose config wins)
     if resume:
         cfg, params, opt, start = load_checkpoint(out / CHECKPOINT)
+        flatten(params, opt)                                     # as adamw_init does
     else:
         params = init_params(cfg.model, cfg.train.seed)
         opt = adamw_init(params)

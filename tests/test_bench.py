@@ -24,14 +24,15 @@ def test_naive_flops_by_hand():
 
 def test_fast_flops_by_hand():
     # vision: V' = 4 (with CLS), T = 3, VT = 7, H*VT = 14, one query (U = 1)
-    #   forward: tables 2*7*4*12 + 2*2*7*2*4 = 896, scores 2*2*1*7*2 = 56, C @ O 2*2*15*4 = 240
-    #   backward: dC 2*2*14*4 = 224, dO 240, dW_O + dVtab 2*224 = 448, dq + dKtab 112, dW + dAP 1344
-    #   -> 1192 + 2368 = 3560
+    #   forward: tables (K, V) 2*7*4*8 + (O) 2*2*7*2*4 = 672, query 2*1*4*4 = 32,
+    #            scores 2*2*1*7*2 = 56, C @ O 2*2*15*4 = 240                          -> 1000
+    #   backward: dC 2*2*14*4 = 224, dO 240, dW_O + dVtab 2*224 = 448, dq + dKtab 112,
+    #             dW_Q + dX_u 64, dW_kv + dAP 2*448 = 896                              -> 1984
     # text: V' = 5, T = 3, VT = 8, H*VT = 16, queries (EOT, 1), (EOT, 2): U = 2
-    #   forward: tables 768 + 256 = 1024, scores 2*2*2*8*2 = 128, C @ O 2*2*18*4 = 288
-    #   backward: dC 256, dO 288, 512, 256, 1536 -> 1440 + 2848 = 4288
+    #   forward: tables 512 + 256 = 768, query 64, scores 2*2*2*8*2 = 128, C @ O 2*2*18*4 = 288 -> 1248
+    #   backward: dC 256, dO 288, 512, 256, 128, 1024                                 -> 2464
     # logits: 6 * B^2 * E = 96
-    assert bench.fast_flops(TINY, TOKENS, EOT) == 3560 + 4288 + 96
+    assert bench.fast_flops(TINY, TOKENS, EOT) == 1000 + 1984 + 1248 + 2464 + 96
 
 
 def test_fast_count_of_the_paper_model_is_below_the_naive_one():

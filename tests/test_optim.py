@@ -76,9 +76,12 @@ def test_adamw_two_steps_by_hand_without_decay():
 def test_adamw_is_in_place_and_keeps_dtype():
     cfg = ModelConfig(d_model=8, n_heads=2, d_head=4, vision_vocab=5, text_vocab=7, vision_ctx=4, text_ctx=5)
     params = init_params(cfg, 0)
+    values = {n: p.copy() for n, p in params.items()}
+    state = adamw_init(params)                # flattens: the entries become views, same values
     ids = {n: id(p) for n, p in params.items()}
-    state = adamw_init(params)
     assert state["t"] == 0
+    for n, p in params.items():
+        assert p.flags.c_contiguous and np.array_equal(p, values[n]) and p.dtype == values[n].dtype
     for n, p in params.items():
         assert state["m"][n].shape == p.shape and not state["m"][n].any() and not state["v"][n].any()
         assert not np.shares_memory(state["m"][n], p)
@@ -199,14 +202,21 @@ def test_clamp_logit_scale_to_0_ln100_in_place():
 # --------------------------------------------------------------------------------------------
 # the numba AdamW (backend "numba") is the NumPy code above, one pass per tensor
 
-def _random_run(backend, dtype, weight_decay, steps=4):
+def _random_run(backend, dtype, weight_decay, steps=4, layout="flat"):
+    # layout "flat": as adamw_init leaves it (one kernel call per step with numba); "per-tensor":
+    # no flat arrays; "replaced": flat, but after two steps one entry is replaced by a copy, so
+    # adamw_step must notice and go tensor by tensor
     from minispatial import ops
 
     params = init_params(ModelConfig(dtype=dtype), 0)
     state = adamw_init(params)
+    if layout == "per-tensor":
+        del state["flat"]
     rng = np.random.default_rng(1)
     with ops.use_backend(backend):
         for t in range(steps):
+            if layout == "replaced" and t == 2:
+                params["text.blocks.0.attn.W_K"] = params["text.blocks.0.attn.W_K"].copy()
             grads = {n: (rng.standard_normal(p.shape) * 10.0 ** rng.integers(-6, 2)).astype(p.dtype)
                      for n, p in params.items()}
             norm = global_norm(grads)
@@ -217,11 +227,13 @@ def _random_run(backend, dtype, weight_decay, steps=4):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_kernel_is_bitwise_the_numpy_code(dtype, weight_decay):
+@pytest.mark.parametrize("layout", ["flat", "per-tensor", "replaced"])
+def test_adamw_kernel_is_bitwise_the_numpy_code(dtype, weight_decay, layout):
     # same operations in the same order, each rounded to the dtype: identical bits, every tensor
-    # (the 0-d logit scale included), first and second moments included
+    # (the 0-d logit scale included), first and second moments included; whether the kernel
+    # runs once over the flat arrays or once per tensor
     p_np, s_np, _ = _random_run("numpy", dtype, weight_decay)
-    p_nb, s_nb, _ = _random_run("numba", dtype, weight_decay)
+    p_nb, s_nb, _ = _random_run("numba", dtype, weight_decay, layout=layout)
     assert s_np["t"] == s_nb["t"] == 4
     for n in p_np:
         assert p_nb[n].dtype == p_np[n].dtype and p_nb[n].shape == p_np[n].shape
@@ -258,3 +270,40 @@ def test_adamw_update_rejects_mismatched_arrays():
         kernels.adamw_update(p, np.zeros(4, dtype=np.float64), p.copy(), p.copy(), 1.0, consts)
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.adamw_update(np.zeros(8, dtype=np.float32)[::2], p, p.copy(), p.copy(), 1.0, consts)
+
+
+def test_flatten_puts_params_and_moments_in_one_array_each():
+    params = init_params(ModelConfig(d_model=8, n_heads=2, d_head=4), 0)
+    values = {n: p.copy() for n, p in params.items()}
+    state = adamw_init(params)
+    flat = state["flat"]
+    assert flat["p"].size == flat["m"].size == flat["v"].size == sum(p.size for p in values.values())
+    for n, p in params.items():
+        assert np.array_equal(p, values[n]) and np.shares_memory(p, flat["p"])
+        assert np.shares_memory(state["m"][n], flat["m"]) and np.shares_memory(state["v"][n], flat["v"])
+    # a step through the flat arrays is seen through the dict's views
+    from minispatial import ops
+
+    with ops.use_backend("numba"):
+        adamw_step(params, {n: np.ones_like(p) for n, p in params.items()}, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)
+    for n, p in params.items():                                     # g = 1: a step of ~lr
+        np.testing.assert_allclose(p, values[n] - 1e-2, rtol=0, atol=1e-6, err_msg=n)
+    assert np.array_equal(flat["g"], np.ones_like(flat["g"]))       # the flat path ran
+    # mixed dtypes: nothing to flatten, the dicts keep their arrays
+    mixed = {"a.W_Q": np.zeros(3, np.float32), "b.W_Q": np.zeros(2, np.float64)}
+    state = adamw_init(mixed)
+    assert "flat" not in state and mixed["a.W_Q"].dtype == np.float32
+
+
+def test_adamw_update_flat_rejects_bad_layouts():
+    from minispatial import kernels
+
+    p = np.zeros(5, dtype=np.float32)
+    consts = kernels.adamw_constants(np.float32, 0.9, 0.99, 1.0, 1e-8, 1e-3)
+    ends, decays = np.array([2, 5]), np.ones(2)
+    with pytest.raises(ValueError, match="does not match the parameters"):
+        kernels.adamw_update_flat(p, np.zeros(4, np.float32), p.copy(), p.copy(), ends, decays, consts)
+    with pytest.raises(ValueError, match="ends\\[-1\\] = len\\(p\\)"):
+        kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), np.array([2, 4]), decays, consts)
+    with pytest.raises(ValueError, match="of one length"):
+        kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), ends, np.ones(3), consts)
