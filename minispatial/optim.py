@@ -70,10 +70,24 @@ def _flat_views(params: dict, state: dict, grads: dict):
         return None
     m, v = state["m"], state["v"]
     for n, (pv, mv, vv) in zip(flat["names"], flat["views"]):
-        g = grads[n]
-        if params[n] is not pv or m[n] is not mv or v[n] is not vv or g.shape != pv.shape or g.dtype != pv.dtype:
+        g = grads.get(n)
+        if (params.get(n) is not pv or m.get(n) is not mv or v.get(n) is not vv
+                or not isinstance(g, (np.ndarray, np.generic)) or g.shape != pv.shape or g.dtype != pv.dtype):
             return None
     return flat
+
+
+def _check_grads(params: dict, grads: dict, state: dict) -> None:
+    # every parameter has a gradient and both moments of its own shape and dtype; raises before
+    # adamw_step changes anything
+    for n, p in params.items():
+        for what, a in (("gradient", grads.get(n)), ("first moment", state["m"].get(n)),
+                        ("second moment", state["v"].get(n))):
+            ok = isinstance(a, (np.ndarray, np.generic))          # (a 0-d gradient may be a NumPy scalar)
+            if not ok or a.shape != p.shape or a.dtype != p.dtype:
+                got = f"shape {a.shape} dtype {a.dtype}" if ok else ("missing" if a is None else type(a).__name__)
+                raise ValueError(f"adamw_step: the {what} of {n} is {got}; expected the parameter's "
+                                 f"shape {p.shape} dtype {p.dtype}")
 
 
 def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, beta2: float,
@@ -83,12 +97,15 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
     The NumPy lines below are the reference; with the "numba" backend, kernels.adamw_update does
     the same operations in one pass per tensor (bitwise the same results, tests/test_optim.py),
     and over all tensors in one call (kernels.adamw_update_flat) when they are `flatten`ed."""
+    fused = _use_kernels()
+    flat = _flat_views(params, state, grads) if fused else None
+    if flat is None:
+        _check_grads(params, grads, state)
     state["t"] += 1
     t = state["t"]
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
-    fused = _use_kernels()
-    if fused and (flat := _flat_views(params, state, grads)) is not None:
+    if flat is not None:
         g = flat["g"]
         np.concatenate([grads[n].reshape(-1) for n in flat["names"]], out=g)
         decays = np.where(flat["decayed"][decay_embeddings], 1.0 - lr * weight_decay, 1.0) if weight_decay \

@@ -307,3 +307,26 @@ def test_adamw_update_flat_rejects_bad_layouts():
         kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), np.array([2, 4]), decays, consts)
     with pytest.raises(ValueError, match="of one length"):
         kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), ends, np.ones(3), consts)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_adamw_step_rejects_bad_gradients_before_changing_anything(backend):
+    from minispatial import ops
+
+    params = init_params(ModelConfig(d_model=8, n_heads=2, d_head=4), 0)
+    state = adamw_init(params)
+    good = {n: np.ones_like(p) for n, p in params.items()}
+    before = {n: p.copy() for n, p in params.items()}
+    bad_cases = [
+        ({**good, "text.W_E": good["text.W_E"].astype(np.float64)}, "gradient of text.W_E is shape .* dtype float64"),
+        ({**good, "vision.W_pos": good["vision.W_pos"][:-1]}, "gradient of vision.W_pos is shape"),
+        ({n: g for n, g in good.items() if n != "logit_scale"}, "gradient of logit_scale is missing"),
+    ]
+    with ops.use_backend(backend):
+        for grads, msg in bad_cases:
+            with pytest.raises(ValueError, match=msg):
+                adamw_step(params, grads, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)
+            assert state["t"] == 0
+            assert all(np.array_equal(p, before[n]) for n, p in params.items())
+        adamw_step(params, good, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)     # and the good one still runs
+    assert state["t"] == 1 and not np.array_equal(params["text.W_E"], before["text.W_E"])
