@@ -22,18 +22,23 @@ FLOPs (multiply-adds count 2; exp, softmax and the optimizer are not counted):
 - naive: the dense step as written in model.py / PyTorch: per tower and layer
   2·B·T·D·3HD (Q, K, V) + 4·B·H·T²·Dh (scores, pattern @ V) + 2·B·T·HD·D (W_O), the projection
   2·B·D·E, the logits 2·B²·E; the backward is twice the forward: naive = 3 × forward.
-- fast: the matrix products fast.py executes. One-layer tower (per tower, VT = V' + T table
-  rows, U distinct pooled queries: 1 for vision, the distinct EOT positions for text): K and V of
-  the tables 2·VT·D·2HD, the U queries 2·U·D·HD, O = V-table W_O 2·H·VT·Dh·D, scores
-  2·H·U·VT·Dh (a numba kernel), pooled = C @ O 2·B·(H·VT+U)·D; backward dC and dO (2·B·H·VT·D + 2·B·(H·VT+U)·D),
-  dW_O and dV-table (2 × 2·H·VT·Dh·D), dq and dK-table (2 × scores, in a numba kernel), dW_Q and
-  dX_u (2 × 2·U·D·HD), dW_kv and d(A;P) (2 × 2·VT·D·2HD); the projection 3 × 2·B·D·E; the
-  logits 6·B²·E. The numba kernels' adds, exp and the softmaxes, the L2 norm and AdamW are not
-  counted (they are not matrix products). A multi-layer tower is counted as before: dense earlier
-  layers, the pooled row's attention and the last layer's K/V GEMM.
+- fast: the matrix products fast.py executes, listed by `one_layer_products` (per one-layer
+  tower; VT = V' + T table rows, U distinct pooled queries: 1 for vision, the distinct EOT
+  positions for text): the U queries 2·U·D·HD, Qt = W_K q 2·U·D·HD, [Vtab | S^T] = [A ; P]
+  [W_V | Qt] 2·VT·D·(HD + H·U), O = Vtab W_O 2·H·VT·Dh·D, pooled = C @ O 2·B·(H·VT+U)·D;
+  backward dC and dO (2·B·H·VT·D + 2·B·(H·VT+U)·D), dW_O, dVtab and dW_V (3 × 2·H·VT·Dh·D),
+  dQt = dS [A ; P] 2·H·U·VT·D, dq and dW_K (2 × 2·U·D·HD), dW_Q and dX_u (2 × 2·U·D·HD),
+  d[A ; P] 2·D·(HD + H·U)·VT; the projection 3 × 2·B·D·E; the logits 6·B²·E
+  (`step_products` lists them all for the paper model). The numba kernels' adds, exp and the
+  softmaxes, the L2 norm and AdamW are not counted (they are not matrix products). A
+  multi-layer tower is counted by formula: dense earlier layers, the pooled row's attention
+  and the last layer's K/V GEMM.
 The issue's bar ("half the machine's float32 matmul throughput on the work the step really
 needs") is the fast count divided by the step time, against the sgemm rate measured in this run
 (a 2048 x 2048 float32 NumPy matmul). The naive count is reported too; it flatters the fast path.
+Beside it the report gives a floor: the same products alone, back to back as NumPy matmuls on
+contiguous operands with nothing between them (`products_alone`), against the time half of
+sgemm allows for the whole step.
 
 `--torch` needs PyTorch (benchmarks/torch_model.py, an independent eager implementation; the
 package itself never imports torch) and also checks that PyTorch and minispatial compute the same
@@ -90,8 +95,56 @@ def naive_flops(cfg, B: int, Tt: int) -> float:
     return 3.0 * fwd
 
 
+def one_layer_products(cfg, tower: str, B: int, T: int, U: int) -> list[tuple[str, int, int, int, int]]:
+    """The matrix products fast.py computes for a one-layer tower: (what, n, m, k, p), n products
+    [m, k] x [k, p] each (2·n·m·k·p FLOPs). U distinct pooled queries; see the module docstring."""
+    D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    HD = H * Dh
+    Vp = cfg.vision_vocab + 1 if tower == "vision" else cfg.text_vocab          # + CLS for vision
+    VT = Vp + T
+    HV, HU = H * VT, H * U
+    return [
+        ("q = X_u W_Q", 1, U, D, HD),
+        ("Qt_h = W_K,h q_h", H, D, Dh, U),
+        ("[Vtab | S^T] = AP [W_V | Qt]", 1, VT, D, HD + HU),
+        ("O_h = Vtab_h W_O,h", H, VT, Dh, D),
+        ("pooled = C @ O", 1, B, HV + U, D),
+        ("dC = dpool O^T", 1, B, D, HV),
+        ("dO = C^T dpool", 1, HV + U, B, D),
+        ("dW_O,h = Vtab_h^T dO_h", H, Dh, VT, D),
+        ("dVtab_h = dO_h W_O,h^T", H, VT, D, Dh),
+        ("dW_V,h = AP^T dVtab_h", H, D, VT, Dh),
+        ("dQt = dS AP", 1, HU, VT, D),
+        ("dq_h = dQt_h W_K,h", H, U, D, Dh),
+        ("dW_K,h = dQt_h^T q_h", H, D, U, Dh),
+        ("dW_Q = X_u^T dq", 1, D, U, HD),
+        ("dX_u += dq W_Q^T", 1, U, HD, D),
+        ("dAP^T = [W_V | Qt] [dVtab | dS^T]^T", 1, D, HD + HU, VT),
+    ]
+
+
+def step_products(cfg, tokens, eot) -> list[tuple[str, int, int, int, int]]:
+    """Every matrix product of the fast step when both towers have one layer (the paper model):
+    both towers' `one_layer_products`, the projection and the loss's logit products."""
+    B, Tt = tokens.shape
+    E = cfg.proj_dim or cfg.d_model
+    eot = np.asarray(eot)
+    if cfg.layers("vision") != 1 or cfg.layers("text") != 1:
+        raise ValueError("step_products: only one-layer towers (the paper model) are listed")
+    U_text = len(set(zip(tokens[np.arange(B), eot].tolist(), eot.tolist())))   # distinct (EOT token, position)
+    out = []
+    for tower, T, U in (("vision", cfg.vision_ctx, 1), ("text", Tt, U_text)):
+        out += [(f"{tower}: {w}", n, m, k, p) for w, n, m, k, p in one_layer_products(cfg, tower, B, T, U)]
+        if cfg.proj_dim:
+            D = cfg.d_model
+            out += [(f"{tower}: projection", 1, B, D, E), (f"{tower}: d W_proj", 1, D, B, E),
+                    (f"{tower}: d pooled", 1, B, E, D)]
+    out += [("logits = img txt^T", 1, B, E, B), ("d img = G txt", 1, B, B, E), ("d txt = G^T img", 1, B, B, E)]
+    return out
+
+
 def fast_flops(cfg, tokens, eot) -> float:
-    """FLOPs fast.py executes for this batch (its GEMMs), see the module docstring."""
+    """FLOPs fast.py executes for this batch (its matrix products), see the module docstring."""
     D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
     HD, E = H * Dh, (cfg.proj_dim or cfg.d_model)
     B, Tt = tokens.shape
@@ -101,23 +154,9 @@ def fast_flops(cfg, tokens, eot) -> float:
         L = cfg.layers(tower)
         proj = (2 * B * D * E) * 3 if cfg.proj_dim else 0                   # forward + 2 backward
         if L == 1:
-            if tower == "vision":
-                T, V, U = cfg.vision_ctx, cfg.vision_vocab + 1, 1          # one query: CLS at 0
-            else:
-                T, V = Tt, cfg.text_vocab                                  # distinct (token, eot) pairs
-                U = len(set(zip(tokens[np.arange(B), eot].tolist(), eot.tolist())))
-            VT, HV = V + T, H * (V + T)
-            tables = 2 * VT * D * 2 * HD + 2 * H * VT * Dh * D              # KV = AP W_kv; O = Vtab W_O
-            query = 2 * U * D * HD                                          # q = X_u W_Q
-            scores = 2 * H * U * VT * Dh                                    # S = q Ktab^T
-            pooled = 2 * B * (HV + U) * D                                   # C @ O
-            fwd = tables + query + scores + pooled
-            bwd = (2 * B * HV * D + 2 * B * (HV + U) * D                    # dC, dO
-                   + 2 * 2 * H * VT * Dh * D                                # dW_O, dVtab
-                   + 2 * scores                                             # dq, dKtab
-                   + 2 * query                                              # dW_Q, dX_u
-                   + 2 * 2 * VT * D * 2 * HD)                               # dW_kv, dAP
-            total += fwd + bwd + proj
+            T = cfg.vision_ctx if tower == "vision" else Tt
+            U = 1 if tower == "vision" else len(set(zip(tokens[np.arange(B), eot].tolist(), eot.tolist())))
+            total += sum(2 * n * m * k * p for _, n, m, k, p in one_layer_products(cfg, tower, B, T, U)) + proj
         else:
             T = cfg.vision_ctx if tower == "vision" else Tt
             keys = B * T if tower == "vision" else float(np.sum(eot + 1))
@@ -130,6 +169,28 @@ def fast_flops(cfg, tokens, eot) -> float:
             bwd += 2 * ((L - 1) * dense + last_qkv)
             total += fwd + bwd + proj
     return total + 6.0 * B * B * E
+
+
+def products_alone(products, repeat: int = 100) -> float:
+    """Seconds for the given matrix products alone, back to back as NumPy float32 matmuls on
+    contiguous operands (one call per product, n > 1 batched): the median of `repeat` passes.
+    No exp, no softmax, no optimizer, no kernel, no Python between them: a floor for the step."""
+    rng = np.random.default_rng(0)
+    ops_ = []
+    for _, n, m, k, p in products:
+        a = rng.standard_normal((n, m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k, p)).astype(np.float32)
+        ops_.append((a, b, np.empty((n, m, p), dtype=np.float32)) if n > 1 else (a[0], b[0], np.empty((m, p), np.float32)))
+    for _ in range(3):
+        for a, b, o in ops_:
+            np.matmul(a, b, out=o)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for a, b, o in ops_:
+            np.matmul(a, b, out=o)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
 
 
 def sgemm_gflops(n: int = 2048, repeat: int = 5) -> float:
@@ -396,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
             if tm is not None:
                 row["speedup_vs_torch"] = t["torch"] / s
             res["rows"].append(row)
+        prods = step_products(cfg, batch[1], batch[2])
+        alone = products_alone(prods, repeat=max(20, min(200, 20000 // B)))
+        res.setdefault("floor", []).append(
+            {"batch": B, "gflop": sum(2 * n * m * k * p for _, n, m, k, p in prods) / 1e9,
+             "ms_half_sgemm": 2 * ff / 1e9 / res["sgemm_gflops"] * 1e3,
+             "ms_products_alone": 1e3 * alone, "frac_sgemm_products_alone": ff / alone / 1e9 / res["sgemm_gflops"]})
     if args.profile:
         res["profile_batch"] = batches[-1]
         res["profile"] = [{"op": op, "function": fn, "ms_per_step": ms}
@@ -432,6 +499,13 @@ def print_report(res: dict) -> None:
         print(line)
     B0 = {r["batch"]: (r["naive_gflop"], r["fast_gflop"]) for r in res["rows"]}
     print("\nFLOP per step (GFLOP, naive / fast): " + ", ".join(f"B {b}: {n:.3f} / {f:.3f}" for b, (n, f) in B0.items()))
+    if res.get("floor"):
+        print("\nthe fast count's products alone (NumPy matmuls on contiguous operands, nothing else between"
+              "\nthem; `bench.step_products`) against the step time that half of sgemm allows:")
+        for f in res["floor"]:
+            print(f"  B {f['batch']:>4}: {f['gflop']:.4f} GFLOP; half of sgemm allows {f['ms_half_sgemm']:.3f} ms; "
+                  f"the products alone take {f['ms_products_alone']:.3f} ms "
+                  f"({100 * f['frac_sgemm_products_alone']:.1f}% of sgemm)")
     if "parity" in res:
         for dt, p in res["parity"].items():
             print(f"parity PyTorch vs minispatial ({dt}, B 64): loss rel diff {p['loss_rel_diff']:.2e}, "

@@ -24,16 +24,21 @@ Exact rewrites, all "the same sums in another order":
 2. Tables (when a tower has ONE layer, so layer 0 is also the last layer). The input is
    X[b, t] = A[r[b, t]] + P[t] with A = [s W_E ; class_embedding] (the CLS row is row V of A,
    used at t = 0 by every image) and P = W_pos[:T]. Projections are linear, so
-        X W_n + b_n = (A W_n)[r] + (P W_n + b_n)          n = K, V: KV = [A ; P] W_kv, tiny
-   Every key and value is the sum of a token-table row and a position-table row.
+        X W_V + b_V = (A W_V)[r] + (P W_V + b_V):  the V table Vtab = [A ; P] W_V (+ b_V), tiny
+   Every value (and key) is the sum of a token-table row and a position-table row.
 
 3. Everything of the pooled row from the tables (one layer, on top of 2 and 1):
    - the pooled row's query depends only on its (table row, position): the same CLS query for
      every image, one EOT query per EOT position for the captions. Each of the U distinct
      queries q_u = X_u W_Q + b_Q, X_u = A[r_u] + P[p_u], is computed once (`distinct_pairs`;
      sample b uses u = qi[b]; `_query_kernel`): no query of the other table rows;
-   - a score is q . (KA[r[b, j]] + KP[j]) = S[u, r[b, j]] + S[u, V' + j] with S = q [KA ; KP]^T
-     ([H, U, V'+T], `_table_scores_kernel`): lookups, no d_head-long dot product per key;
+   - keys through the query: a score is q_u,h . k_h = q_u,h . ((A[r] + P[j]) W_K,h + b_K,h)
+     = A[r] . Qt_u,h + P[j] . Qt_u,h + c[h, u], with Qt_u,h = W_K,h q_u,h [D] (the query read
+     back into the residual stream: TransformerLens's QK circuit W_Q W_K^T from the query side)
+     and c = b_K,h . q_u,h. So S[h, u, i] = AP_i . Qt_u,h (+ c on the position rows) and a
+     score is S[h, u, r[b, j]] + S[h, u, V' + j]: lookups, no key table and no d_head-long
+     dot product per key. S comes out of the same GEMM as the V table:
+        [Vtab | S^T] = [A ; P] @ [W_V | Qt]        [V'+T, HD + H*U]
    - the softmax's exp factorises the same way: exp(score - shift) = ES[u, r[b, j]] * ES[u, V' + j]
      with ES = exp(S / sqrt(Dh) - max), the max taken over the token rows and over the position
      rows separately (`_exp_tables_kernel`), so there is no exp per key either; a row whose
@@ -46,9 +51,10 @@ Exact rewrites, all "the same sums in another order":
                           O [H*(V'+T) + U, D] (last rows X_u = A[r_u] + P[p_u] + b_O)
      one GEMM per batch; backward dC = dpool O^T, dO = C^T dpool (which also sums dpool per
      query for the residual and b_O), then only table-sized products.
-   Backward of the kernels: dS sums each sample's score gradients into its query's row; dq and
-   the K table's gradient come from dS (`_table_scores_backward_kernel`), dW_Q and the query's
-   share of d X_u from dq (`_query_backward_kernel`).
+   Backward of the kernels: dS sums each sample's score gradients into its query's row; then
+   dQt = dS [A ; P], dW_K,h = dQt_h^T q_h and dq_h = dQt_h W_K,h (`_keys_backward_kernel` adds
+   c's share and gives db_K), d[A ; P]^T = [W_V | Qt] [dVtab | dS^T]^T in one GEMM, and dW_Q and
+   the query's share of d X_u come from dq (`_query_backward_kernel`).
 
 With more than one layer, layers 0..L-2 run the reference ops (numba attention core) and only
 the last layer uses rewrite 1 on the dense residual stream.
@@ -108,55 +114,41 @@ def _exp_tables_kernel(S, Vp, scale, ES):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _table_scores_kernel(q, KV, H, S):
-    # q [U, HD] (the distinct pooled queries), KV [V'+T, 2HD] (k | v of each table row, columns
-    # h-major) -> fills S [H, U, V'+T] = q_u,h . k_i,h (a key's score is the sum of its token
-    # row's and its position row's entry)
-    U, HD = q.shape
-    VT = KV.shape[0]
-    Dh = HD // H
-    zero = q.dtype.type(0)
-    for h in range(H):
-        o = h * Dh                                 # head h's columns of q and of k
-        for u in range(U):
-            for i in range(VT):
-                acc = zero
-                for d in range(Dh):
-                    acc += q[u, o + d] * KV[i, o + d]
-                S[h, u, i] = acc
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _table_scores_backward_kernel(dS, q, KV, dKV, dq):
-    # dS [H, U, V'+T], q [U, HD], KV [V'+T, 2HD] -> fills the k columns of dKV [V'+T, 2HD] and
-    # dq [U, HD] (inverts _table_scores_kernel):
-    #   dk_i,h = sum_u dS[h, u, i] q_u,h;   dq_u,h = sum_i dS[h, u, i] k_i,h
-    H, U, VT = dS.shape
-    HD = q.shape[1]
-    Dh = HD // H
+def _keys_backward_kernel(dQt, sp, q, b_K, dW_K, db_K, dq):
+    # dQt [H, U, D] (gradient of Qt_u,h = W_K,h q_u,h), sp [H, U] (gradient of c[h, u] =
+    # b_K,h . q_u,h), q [U, HD], b_K [H, Dh], dq [U, HD] holding dQt_u,h W_K,h
+    #   -> fills dW_K [H, D, Dh] = sum_u dQt_u,h (outer) q_u,h, db_K [H, Dh] = sum_u sp[h, u] q_u,h
+    #      and adds sp[h, u] b_K,h into dq
+    # (sp is ~0: c shifts every score of a query row alike, which the softmax cancels)
+    H, U, D = dQt.shape
+    Dh = b_K.shape[1]
     zero = q.dtype.type(0)
     for h in range(H):
         o = h * Dh
-        for i in range(VT):
+        w = dW_K[h]
+        for k in range(D):
             for d in range(Dh):
-                dKV[i, o + d] = zero
-            for u in range(U):
-                w = dS[h, u, i]
-                for d in range(Dh):
-                    dKV[i, o + d] += w * q[u, o + d]
+                w[k, d] = zero
+        for d in range(Dh):
+            db_K[h, d] = zero
         for u in range(U):
-            for d in range(Dh):
-                dq[u, o + d] = zero
-            for i in range(VT):
-                w = dS[h, u, i]
+            qu = q[u, o:o + Dh]
+            g = dQt[h, u]
+            for k in range(D):
+                gk = g[k]
                 for d in range(Dh):
-                    dq[u, o + d] += w * KV[i, o + d]
+                    w[k, d] += gk * qu[d]
+            su = sp[h, u]
+            for d in range(Dh):
+                dq[u, o + d] += su * b_K[h, d]
+                db_K[h, d] += su * qu[d]
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _query_kernel(AP, r_u, p_u, Vp, W_Q, b_Q, X, q):
-    # AP [V'+T, D] (table rows), r_u, p_u [U], W_Q [H, D, Dh], b_Q [H, Dh] -> fills the pooled
-    # rows X [U, D] = AP[r_u] + AP[V' + p_u] and their queries q [U, HD] = X W_Q + b_Q
+def _query_kernel(AP, r_u, p_u, Vp, W_Q, b_Q, b_K, X, q, c):
+    # AP [V'+T, D] (table rows), r_u, p_u [U], W_Q [H, D, Dh], b_Q, b_K [H, Dh] -> fills the pooled
+    # rows X [U, D] = AP[r_u] + AP[V' + p_u], their queries q [U, HD] = X W_Q + b_Q and
+    # c [H, U] = b_K,h . q_u,h (the key bias's share of every score of query u)
     U, D = X.shape
     H, _, Dh = W_Q.shape
     zero = q.dtype.type(0)
@@ -173,6 +165,7 @@ def _query_kernel(AP, r_u, p_u, Vp, W_Q, b_Q, X, q):
                     qh[d] += x * W_Q[h, k, d]
             for d in range(Dh):
                 qh[d] += b_Q[h, d]
+            c[h, u] = _dot8(b_K[h], qh)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -425,26 +418,27 @@ def pooled_attention_backward(dz, q, kv, pattern, n_keys):
 # one tower
 
 @numba.njit(cache=True, error_model="numpy")
-def _pack_weight_kernel(w, i, W):
-    # w [H, D, Dh] -> W[:, i] = w.transpose(1, 0, 2), W [D, n, H, Dh]; reads w in memory order
-    # (NumPy's copy walks W's order instead, jumping through w: ~2x slower when w is not in cache,
-    # as right after the optimizer step)
+def _pack_weight_kernel(w, W):
+    # w [H, D, Dh] -> W [D, H*Dh] (any strides: a column block of a wider matrix) with
+    # W[k, h*Dh + d] = w[h, k, d]; reads w in memory order (NumPy's copy walks W's order instead,
+    # jumping through w: ~2x slower when w is not in cache, as right after the optimizer step)
     H, D, Dh = w.shape
     for h in range(H):
         for k in range(D):
             for d in range(Dh):
-                W[k, i, h, d] = w[h, k, d]
+                W[k, h * Dh + d] = w[h, k, d]
 
 
 def _qkv_weights(params, b: str, names: str = "QKV"):
     # -> W [D, len(names) HD] (e.g. Q | K | V, columns h-major as ops.attention_forward), bias [len(names) HD]
     Ws = [params[f"{b}.attn.W_{n}"] for n in names]                         # each [H, D, Dh]
     H, D, Dh = Ws[0].shape
-    W = np.empty((D, len(Ws), H, Dh), dtype=Ws[0].dtype)
+    HD = H * Dh
+    W = np.empty((D, len(Ws) * HD), dtype=Ws[0].dtype)
     for i, w in enumerate(Ws):
-        _pack_weight_kernel(w, i, W)
+        _pack_weight_kernel(w, W[:, i * HD:(i + 1) * HD])
     bias = np.concatenate([params[f"{b}.attn.b_{n}"].reshape(-1) for n in names])
-    return W.reshape(D, len(Ws) * H * Dh), bias
+    return W, bias
 
 
 def _split_qkv_grads(g: dict, b: str, dW_qkv, db_qkv, H: int, Dh: int) -> None:
@@ -488,10 +482,6 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
         Vp = A.shape[0]
         VT = Vp + T
         AP = np.concatenate([A, P])                                        # [V'+T, D]: the table rows
-        # k and v of every table row: KV = [A ; P] W_kv, + the biases on the position rows
-        W_kv, b_kv = _qkv_weights(params, last, "KV")                      # [D, 2HD], [2HD]
-        KV = AP @ W_kv                                                     # [V'+T, 2HD] (k | v)
-        KV[Vp:] += b_kv
         # the pooled row's query depends on (its table row, its position) only: the CLS row at 0
         # for every image, the EOT row at one of a few positions for the captions. Compute each
         # distinct query once: q_u for u = 0..U-1, sample b uses u = qi[b]
@@ -499,23 +489,34 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
         U = r_u.shape[0]
         # query u's row of the residual stream, X_u = AP[r_u] + AP[V' + p_u], and q_u = X_u W_Q + b_Q
         X_u, q = np.empty((U, D), dtype=AP.dtype), np.empty((U, HD), dtype=AP.dtype)
-        _query_kernel(AP, r_u, p_u, Vp, params[f"{last}.attn.W_Q"], params[f"{last}.attn.b_Q"], X_u, q)
+        c_hu = np.empty((H, U), dtype=AP.dtype)                            # b_K,h . q_u,h
+        _query_kernel(AP, r_u, p_u, Vp, params[f"{last}.attn.W_Q"], params[f"{last}.attn.b_Q"],
+                      params[f"{last}.attn.b_K"], X_u, q, c_hu)
+        # keys through the query: q_u,h . k_i,h = AP_i . (W_K,h q_u,h) + b_K,h . q_u,h, so no key
+        # table is needed. One GEMM gives the V table and every score:
+        #   [Vtab | S^T] = AP @ [W_V | Qt],   Qt [D, H*U]: column (h, u) = W_K,h q_u,h
+        WQ = np.empty((D, HD + H * U), dtype=AP.dtype)                     # [W_V | Qt]
+        _pack_weight_kernel(params[f"{last}.attn.W_V"], WQ[:, :HD])
+        np.matmul(params[f"{last}.attn.W_K"], q.reshape(U, H, Dh).transpose(1, 2, 0),
+                  out=WQ[:, HD:].reshape(D, H, U).transpose(1, 0, 2))      # [H, D, U]
+        VS = AP @ WQ                                                       # [V'+T, HD + H*U]
+        VS[Vp:, :HD] += params[f"{last}.attn.b_V"].reshape(-1)            # v = x W_V + b_V
         # S[h, u, i] = q_u,h . k_i,h: the score of key j of sample b is
-        #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]
-        S = np.empty((H, U, VT), dtype=KV.dtype)
-        _table_scores_kernel(q, KV, H, S)
+        #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]   (b_K's share on the position rows)
+        S = np.ascontiguousarray(VS[:, HD:].T).reshape(H, U, VT)
+        S[:, :, Vp:] += c_hu[:, :, None]
         pattern, C = table_attention_forward(S, qi, r, n_keys, Dh)         # [B, H, T], [B, H*(V'+T) + U]
         # pooled_b = x[b, p_b] + sum_h z_b,h W_O,h + b_O = C[b] @ O with, stacked in rows,
         #   O_h = Vtab_h W_O,h   (the output projection applied to the V tables)  [H*(V'+T), D]
         #   X_u + b_O            (the residual row of query u, plus the bias)     [U, D]
         W_O = params[f"{last}.attn.W_O"]                                   # [H, Dh, D]
-        Vtab = KV[:, HD:].reshape(VT, H, Dh).transpose(1, 0, 2)            # [H, V'+T, Dh] (a view)
+        Vtab = VS[:, :HD].reshape(VT, H, Dh).transpose(1, 0, 2)            # [H, V'+T, Dh] (a view)
         HV = H * VT
         O = np.empty((HV + U, D), dtype=AP.dtype)                          # [H*(V'+T) + U, D]
         np.matmul(Vtab, W_O, out=O[:HV].reshape(H, VT, D))
         np.add(X_u, params[f"{last}.attn.b_O"], out=O[HV:])
         pooled = C @ O                                                     # [B, D]
-        c.update(AP=AP, W_kv=W_kv, KV=KV, X_u=X_u, q=q, qi=qi, r_u=r_u, p_u=p_u,
+        c.update(AP=AP, WQ=WQ, X_u=X_u, q=q, qi=qi, r_u=r_u, p_u=p_u,
                  Vtab=Vtab, pattern=pattern, C=C, O=O)
     else:
         # layers 0..L-2: the reference blocks (numba attention core), dense x [B, T, D]
@@ -564,7 +565,7 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
     W_O = params[f"{last}.attn.W_O"]                                       # [H, Dh, D]
 
     if n_layers == 1:
-        AP, W_kv, KV, X_u, q, Vtab, C, O = (c[k] for k in ("AP", "W_kv", "KV", "X_u", "q", "Vtab", "C", "O"))
+        AP, WQ, X_u, q, Vtab, C, O = (c[k] for k in ("AP", "WQ", "X_u", "q", "Vtab", "C", "O"))
         r_u, p_u, U = c["r_u"], c["p_u"], q.shape[0]
         VT = Vp + T
         HV = H * VT
@@ -576,23 +577,32 @@ def tower_backward_fast(dfeat, cache, params, cfg) -> dict:
         # inverts O_h = Vtab_h W_O,h
         dO = dO[:HV].reshape(H, VT, D)
         g[f"{last}.attn.W_O"] = np.matmul(Vtab.transpose(0, 2, 1), dO)     # [H, Dh, D]
-        dKV = np.empty_like(KV)                                            # [V'+T, 2HD]
-        np.matmul(dO, W_O.transpose(0, 2, 1), out=dKV[:, HD:].reshape(VT, H, Dh).transpose(1, 0, 2))
-        # inverts pattern, C = softmax of the table scores (kernel), then S = q k^T
+        HU = H * U
+        dVS = np.empty((VT, HD + HU), dtype=AP.dtype)                     # [d Vtab | d S^T]
+        dV = dVS[:, :HD]                                                   # [V'+T, HD]
+        np.matmul(dO, W_O.transpose(0, 2, 1), out=dV.reshape(VT, H, Dh).transpose(1, 0, 2))
+        # inverts Vtab = AP W_V (+ b_V on the position rows)
+        g[f"{last}.attn.W_V"] = np.matmul(AP.T, dV.reshape(VT, H, Dh).transpose(1, 0, 2))   # [H, D, Dh]
+        g[f"{last}.attn.b_V"] = dV[Vp:].sum(axis=0).reshape(H, Dh)
+        # inverts pattern, C = softmax of the table scores (kernel)
         dS = table_attention_backward(dC, pattern, c["qi"], r, c["n_keys"], U, Dh)   # [H, U, V'+T]
+        dVS[:, HD:] = dS.reshape(HU, VT).T
+        # inverts S = AP Qt (+ c on the position rows), Qt_h = W_K,h q_h:
+        #   dQt = dS AP, dW_K,h = dQt_h^T q_h, dq_h = dQt_h W_K,h (+ c's share)
+        dQt = dS.reshape(HU, VT) @ AP                                      # [H*U, D]
         dq = np.empty_like(q)                                              # [U, HD]
-        _table_scores_backward_kernel(dS, q, KV, dKV, dq)                  # dq and the k columns
+        np.matmul(dQt.reshape(H, U, D), params[f"{last}.attn.W_K"], out=dq.reshape(U, H, Dh).transpose(1, 0, 2))
+        g[f"{last}.attn.W_K"] = np.empty_like(params[f"{last}.attn.W_K"])  # [H, D, Dh]
+        g[f"{last}.attn.b_K"] = np.empty_like(params[f"{last}.attn.b_K"])  # [H, Dh]
+        _keys_backward_kernel(dQt.reshape(H, U, D), dVS[Vp:, HD:].sum(axis=0).reshape(H, U), q,
+                              params[f"{last}.attn.b_K"], g[f"{last}.attn.W_K"], g[f"{last}.attn.b_K"], dq)
+        # d AP^T = W_V dV^T + Qt dS (the V table's and the scores' share) in one GEMM
+        dAPT = WQ @ dVS.T                                                  # [D, V'+T]
         # inverts q = X_u W_Q + b_Q: dW_Q, db_Q, and dX (= d X_u) gets the query's share
         g[f"{last}.attn.W_Q"] = np.empty_like(params[f"{last}.attn.W_Q"])   # [H, D, Dh]
         _query_backward_kernel(dq, X_u, params[f"{last}.attn.W_Q"], g[f"{last}.attn.W_Q"], dX)
         g[f"{last}.attn.b_Q"] = dq.sum(axis=0).reshape(H, Dh)
-        # inverts KV = AP W_kv (+ b on the position rows): dW per (K|V, head) as the params
-        dW = np.matmul(AP.T, dKV.reshape(VT, 2 * H, Dh).transpose(1, 0, 2))   # [2H, D, Dh]
-        db = dKV[Vp:].sum(axis=0).reshape(2 * H, Dh)                          # [2H, Dh]
-        for i, n in enumerate("KV"):
-            g[f"{last}.attn.W_{n}"] = dW[i * H:(i + 1) * H]
-            g[f"{last}.attn.b_{n}"] = db[i * H:(i + 1) * H]
-        dAP = (W_kv @ dKV.T).T                                             # [V'+T, D] (a view)
+        dAP = dAPT.T                                                       # [V'+T, D] (a view)
         # inverts X_u = AP[r_u] + AP[V' + p_u] (the pooled rows: residual and query)
         _add_rows(dAP, r_u, dX)
         _add_rows(dAP, Vp + p_u, dX)

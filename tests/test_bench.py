@@ -23,16 +23,31 @@ def test_naive_flops_by_hand():
 
 
 def test_fast_flops_by_hand():
-    # vision: V' = 4 (with CLS), T = 3, VT = 7, H*VT = 14, one query (U = 1)
-    #   forward: tables (K, V) 2*7*4*8 + (O) 2*2*7*2*4 = 672, query 2*1*4*4 = 32,
-    #            scores 2*2*1*7*2 = 56, C @ O 2*2*15*4 = 240                          -> 1000
-    #   backward: dC 2*2*14*4 = 224, dO 240, dW_O + dVtab 2*224 = 448, dq + dKtab 112,
-    #             dW_Q + dX_u 64, dW_kv + dAP 2*448 = 896                              -> 1984
-    # text: V' = 5, T = 3, VT = 8, H*VT = 16, queries (EOT, 1), (EOT, 2): U = 2
-    #   forward: tables 512 + 256 = 768, query 64, scores 2*2*2*8*2 = 128, C @ O 2*2*18*4 = 288 -> 1248
-    #   backward: dC 256, dO 288, 512, 256, 128, 1024                                 -> 2464
+    # D = 4, H = 2, Dh = 2, HD = 4, B = 2, E = 4; each product [m, k] x [k, p] is 2 m k p FLOPs
+    # vision: V' = 4 (with CLS), T = 3, VT = 7, H*VT = 14, one query (U = 1), H*U = 2
+    #   forward: q 2*1*4*4 = 32, Qt 2*2*4*2*1 = 32, [Vtab | S^T] 2*7*4*6 = 336,
+    #            O 2*2*7*2*4 = 224, C @ O 2*2*15*4 = 240                               -> 864
+    #   backward: dC 2*2*4*14 = 224, dO 240, dW_O 224, dVtab 224, dW_V 224, dQt 2*2*7*4 = 112,
+    #             dq 32, dW_K 32, dW_Q 32, dX_u 32, dAP^T 2*4*6*7 = 336                  -> 1712
+    # text: V' = 5, T = 3, VT = 8, H*VT = 16, queries (EOT, 1), (EOT, 2): U = 2, H*U = 4
+    #   forward: q 64, Qt 64, [Vtab | S^T] 2*8*4*8 = 512, O 256, C @ O 2*2*18*4 = 288    -> 1184
+    #   backward: dC 256, dO 288, dW_O 256, dVtab 256, dW_V 256, dQt 2*4*8*4 = 256,
+    #             dq 64, dW_K 64, dW_Q 64, dX_u 64, dAP^T 2*4*8*8 = 512                 -> 2336
     # logits: 6 * B^2 * E = 96
-    assert bench.fast_flops(TINY, TOKENS, EOT) == 1000 + 1984 + 1248 + 2464 + 96
+    assert bench.fast_flops(TINY, TOKENS, EOT) == 864 + 1712 + 1184 + 2336 + 96
+
+
+def test_step_products_are_the_fast_count():
+    prods = bench.step_products(TINY, TOKENS, EOT)
+    assert sum(2 * n * m * k * p for _, n, m, k, p in prods) == bench.fast_flops(TINY, TOKENS, EOT)
+    cfg = model.ModelConfig()
+    for B in (8, 64, 512):
+        _, tokens, eot = bench.make_batch(cfg, B)
+        prods = bench.step_products(cfg, tokens, eot)
+        assert sum(2 * n * m * k * p for _, n, m, k, p in prods) == bench.fast_flops(cfg, tokens, eot)
+    with pytest.raises(ValueError, match="one-layer"):
+        bench.step_products(dataclasses.replace(TINY, text_layers=2), TOKENS, EOT)
+    assert bench.products_alone(prods[:3], repeat=2) > 0
 
 
 def test_fast_count_of_the_paper_model_is_below_the_naive_one():
@@ -41,7 +56,7 @@ def test_fast_count_of_the_paper_model_is_below_the_naive_one():
         images, tokens, eot = bench.make_batch(cfg, B)
         fast, naive = bench.fast_flops(cfg, tokens, eot), bench.naive_flops(cfg, B, tokens.shape[1])
         assert 0 < fast < naive / 8
-    # the logits dominate the fast count at B 512: 6 * 512^2 * 128 of 0.34 GFLOP
+    # the logits dominate the fast count at B 512: 6 * 512^2 * 128 of 0.33 GFLOP
     assert 6 * 512 ** 2 * 128 / fast > 0.5
 
 
@@ -57,13 +72,16 @@ def test_bench_json_runs_and_reports_every_row(capsys):
         _, tokens, eot = bench.make_batch(model.ModelConfig(), 8)
         assert r["fast_gflop"] == pytest.approx(bench.fast_flops(model.ModelConfig(), tokens, eot) / 1e9)
     assert rows[(8, "numba")]["frac_sgemm_fast"] > 0 and rows[(8, "numpy")]["frac_sgemm_fast"] is None
+    (floor,) = res["floor"]
+    assert floor["batch"] == 8 and floor["gflop"] == pytest.approx(rows[(8, "numba")]["fast_gflop"])
+    assert floor["ms_products_alone"] > 0 and floor["ms_half_sgemm"] > 0
 
 
 def test_bench_text_report_and_profile(capsys):
     rc = bench.main(["--batch", "8", "--repeat", "1", "--numpy-repeat", "1", "--profile"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "sgemm" in out and "ms/step" in out and "FLOP per step" in out
+    assert "sgemm" in out and "ms/step" in out and "FLOP per step" in out and "products alone" in out
     assert "by function" in out and "fast.tower_forward_fast" in out and "optim.adamw_step" in out
 
 
