@@ -502,7 +502,9 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
         VS = AP @ WQ                                                       # [V'+T, HD + H*U]
         VS[Vp:, :HD] += params[f"{last}.attn.b_V"].reshape(-1)            # v = x W_V + b_V
         # S[h, u, i] = q_u,h . k_i,h: the score of key j of sample b is
-        #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]   (b_K's share on the position rows)
+        #   S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j]   (b_K's share on the position rows: it
+        #   shifts all keys of a query alike, so the softmax cancels it; added so that S holds the
+        #   model's scores, tests/test_fast.py)
         S = np.ascontiguousarray(VS[:, HD:].T).reshape(H, U, VT)
         S[:, :, Vp:] += c_hu[:, :, None]
         pattern, C = table_attention_forward(S, qi, r, n_keys, Dh)         # [B, H, T], [B, H*(V'+T) + U]
@@ -516,7 +518,7 @@ def tower_forward_fast(params, tower: str, ids, pool_idx, cfg):
         np.matmul(Vtab, W_O, out=O[:HV].reshape(H, VT, D))
         np.add(X_u, params[f"{last}.attn.b_O"], out=O[HV:])
         pooled = C @ O                                                     # [B, D]
-        c.update(AP=AP, WQ=WQ, X_u=X_u, q=q, qi=qi, r_u=r_u, p_u=p_u,
+        c.update(AP=AP, WQ=WQ, X_u=X_u, q=q, qi=qi, r_u=r_u, p_u=p_u, S=S,
                  Vtab=Vtab, pattern=pattern, C=C, O=O)
     else:
         # layers 0..L-2: the reference blocks (numba attention core), dense x [B, T, D]

@@ -323,6 +323,48 @@ def test_table_attention_forward_and_its_underflow_fallback(dtype):
     assert np.abs(products_only() - want_p).max() <= tol
 
 
+def test_table_scores_are_the_models_attention_scores():
+    # one-layer towers: S[h, qi[b], r[b, j]] + S[h, qi[b], V' + j] (keys through the query, with
+    # b_K's share) is the pooled row's score of key j, as the reference computes it (its
+    # hook_attn_scores are scaled by 1/sqrt(Dh)); b_K drawn non-zero, as it cancels in the softmax
+    cfg = dataclasses.replace(model.ModelConfig(), d_model=8, n_heads=2, d_head=4, dtype="float64",
+                              vision_vocab=5, text_vocab=6, vision_ctx=4, text_ctx=5)
+    params = model.init_params(cfg, 1)
+    rng = np.random.default_rng(1)
+    for n in ("vision", "text"):
+        params[f"{n}.blocks.0.attn.b_K"] = rng.standard_normal(params[f"{n}.blocks.0.attn.b_K"].shape)
+    images, tokens, eot = _paper_batch(cfg, 7)
+    record = {}
+    with ops.use_backend("numpy"):
+        model.tower_forward(params, "vision", images, np.zeros(7, dtype=np.int64), cfg, None, record)
+        model.tower_forward(params, "text", tokens, eot, cfg, None, record)
+    for tower, ids, pool in (("vision", images, np.zeros(7, dtype=np.int64)), ("text", tokens, eot)):
+        _, (_, _, c, _) = fast.tower_forward_fast(params, tower, ids, pool, cfg)
+        S, qi, r, n_keys = c["S"], c["qi"], c["r"], c["n_keys"]
+        Vp = S.shape[2] - r.shape[1]
+        want = record[f"{tower}.blocks.0.attn.hook_attn_scores"] * np.sqrt(cfg.d_head)   # [B, H, Tq, Tk]
+        for b in range(7):
+            n = n_keys[b]
+            got = S[:, qi[b], r[b, :n]] + S[:, qi[b], Vp + np.arange(n)]                 # [H, n]
+            assert np.abs(got - want[b, :, pool[b], :n]).max() <= 1e-12 * np.abs(want).max(), (tower, b)
+
+
+def test_keys_backward_kernel_by_einsum():
+    # dW_K, db_K and dq from dQt and sp (the gradients of Qt = W_K q and c = b_K . q), with a
+    # random sp: in the step sp is ~0 (the softmax cancels c), which the model tests cannot see
+    rng = np.random.default_rng(2)
+    H, U, D, Dh = 3, 2, 8, 4
+    dQt, sp = rng.standard_normal((H, U, D)), rng.standard_normal((H, U))
+    q, b_K, W_K = rng.standard_normal((U, H * Dh)), rng.standard_normal((H, Dh)), rng.standard_normal((H, D, Dh))
+    dq0 = np.einsum("hud,hde->uhe", dQt, W_K).reshape(U, H * Dh)       # what the caller puts in dq
+    dq, dW_K, db_K = dq0.copy(), np.empty((H, D, Dh)), np.empty((H, Dh))
+    fast._keys_backward_kernel(dQt, sp, q, b_K, dW_K, db_K, dq)
+    qh = q.reshape(U, H, Dh)
+    assert np.allclose(dW_K, np.einsum("hud,uhe->hde", dQt, qh), rtol=1e-12, atol=1e-12)
+    assert np.allclose(db_K, np.einsum("hu,uhe->he", sp, qh), rtol=1e-12, atol=1e-12)
+    assert np.allclose(dq, dq0 + np.einsum("hu,he->uhe", sp, b_K).reshape(U, H * Dh), rtol=1e-12, atol=1e-12)
+
+
 def test_distinct_pairs():
     rows = np.array([3, 1, 3, 0, 1, 3])
     pos = np.array([2, 0, 2, 5, 4, 2])
