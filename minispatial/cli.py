@@ -19,6 +19,7 @@ import sys
 # the sgemm peak), `minispatial sweep` runs its trainings in parallel processes instead.
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
@@ -34,7 +35,6 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3            # <malloc.h>
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
-
 
 
 # subcommand -> (module, function, one-line description)

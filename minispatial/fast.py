@@ -114,37 +114,6 @@ def _exp_tables_kernel(S, Vp, scale, ES):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _keys_backward_kernel(dQt, sp, q, b_K, dW_K, db_K, dq):
-    # dQt [H, U, D] (gradient of Qt_u,h = W_K,h q_u,h), sp [H, U] (gradient of c[h, u] =
-    # b_K,h . q_u,h), q [U, HD], b_K [H, Dh], dq [U, HD] holding dQt_u,h W_K,h
-    #   -> fills dW_K [H, D, Dh] = sum_u dQt_u,h (outer) q_u,h, db_K [H, Dh] = sum_u sp[h, u] q_u,h
-    #      and adds sp[h, u] b_K,h into dq
-    # (sp is ~0: c shifts every score of a query row alike, which the softmax cancels)
-    H, U, D = dQt.shape
-    Dh = b_K.shape[1]
-    zero = q.dtype.type(0)
-    for h in range(H):
-        o = h * Dh
-        w = dW_K[h]
-        for k in range(D):
-            for d in range(Dh):
-                w[k, d] = zero
-        for d in range(Dh):
-            db_K[h, d] = zero
-        for u in range(U):
-            qu = q[u, o:o + Dh]
-            g = dQt[h, u]
-            for k in range(D):
-                gk = g[k]
-                for d in range(Dh):
-                    w[k, d] += gk * qu[d]
-            su = sp[h, u]
-            for d in range(Dh):
-                dq[u, o + d] += su * b_K[h, d]
-                db_K[h, d] += su * qu[d]
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _query_kernel(AP, r_u, p_u, Vp, W_Q, b_Q, b_K, X, q, c):
     # AP [V'+T, D] (table rows), r_u, p_u [U], W_Q [H, D, Dh], b_Q, b_K [H, Dh] -> fills the pooled
     # rows X [U, D] = AP[r_u] + AP[V' + p_u], their queries q [U, HD] = X W_Q + b_Q and
@@ -190,6 +159,38 @@ def _query_backward_kernel(dq, X, W_Q, dW_Q, dX):
             for h in range(H):
                 acc += _dot8(dq[u, h * Dh:(h + 1) * Dh], W_Q[h, k])
             dX[u, k] += acc
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _keys_backward_kernel(dQt, sp, q, b_K, dW_K, db_K, dq):
+    # dQt [H, U, D] (gradient of Qt_u,h = W_K,h q_u,h), sp [H, U] (gradient of c[h, u] =
+    # b_K,h . q_u,h), q [U, HD], b_K [H, Dh], dq [U, HD] holding dQt_u,h W_K,h
+    #   -> fills dW_K [H, D, Dh] = sum_u dQt_u,h (outer) q_u,h, db_K [H, Dh] = sum_u sp[h, u] q_u,h
+    #      and adds sp[h, u] b_K,h into dq
+    # inverts Qt = W_K q (a batched matmul in tower_forward_fast) and c (`_query_kernel`);
+    # sp is ~0: c shifts every score of a query row alike, which the softmax cancels
+    H, U, D = dQt.shape
+    Dh = b_K.shape[1]
+    zero = q.dtype.type(0)
+    for h in range(H):
+        o = h * Dh
+        w = dW_K[h]
+        for k in range(D):
+            for d in range(Dh):
+                w[k, d] = zero
+        for d in range(Dh):
+            db_K[h, d] = zero
+        for u in range(U):
+            qu = q[u, o:o + Dh]
+            g = dQt[h, u]
+            for k in range(D):
+                gk = g[k]
+                for d in range(Dh):
+                    w[k, d] += gk * qu[d]
+            su = sp[h, u]
+            for d in range(Dh):
+                dq[u, o + d] += su * b_K[h, d]
+                db_K[h, d] += su * qu[d]
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -87,6 +87,22 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert no_tmp_files(a, b)
 
 
+def test_resume_updates_every_tensor_in_one_call(tmp_path, monkeypatch):
+    # the trainer re-flattens the loaded params and moments (optim.flatten), so a resumed run
+    # takes the one-call AdamW path as a fresh one does, not the per-tensor fallback
+    from minispatial import kernels, ops
+
+    cfg = small_cfg(steps=10, checkpoint_every=5)
+    assert train.train(cfg, tmp_path, stop_after=5, verbose=False)["stopped_early"]
+
+    def per_tensor(*args):
+        raise AssertionError("AdamW fell back to one kernel call per tensor")
+
+    monkeypatch.setattr(kernels, "adamw_update", per_tensor)
+    with ops.use_backend("numba"):
+        assert train.train(None, tmp_path, resume=True, verbose=False)["step"] == 10
+
+
 def test_resume_from_the_command_line(tmp_path, capsys):
     d, straight = str(tmp_path / "d"), str(tmp_path / "straight")
     assert main(["--out", d, "--preset", "tiny", "--stop-after", "10", "--quiet"]) == 0
