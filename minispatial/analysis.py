@@ -110,6 +110,7 @@ from pathlib import Path
 import numpy as np
 
 from minispatial import model
+from minispatial.cli import check_output_dir, check_output_file
 from minispatial.text import FIRST_LABEL_ID, left_caption, right_caption, single_caption
 
 F64 = np.float64
@@ -1001,8 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.n_images < 1:
             raise ValueError(f"--n-images={args.n_images} is invalid: must be >= 1")
         ablations = DEFAULT_ABLATIONS if args.ablate is None else args.ablate
+        # every output path is checked before the (slow) analysis; created only to write into
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            check_output_file(args.out, "--out")
+        if args.plots:
+            check_output_dir(args.plots, "--plots")
         loaded = load_checkpoints(args.checkpoints)
         reports = []
         for i, (path, (run_cfg, params, _, step)) in enumerate(zip(args.checkpoints, loaded)):
@@ -1013,15 +1017,16 @@ def main(argv: list[str] | None = None) -> int:
         agg = aggregate_reports(reports) if len(reports) > 1 else None
         doc = reports[0] if agg is None else {"runs": reports, "aggregate": agg}
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        written = []
+        if args.plots:
+            written = save_plots(doc, args.plots) if agg is None else save_aggregate_plots(agg, args.plots)
+            if not written:
+                print("minispatial analyze: matplotlib is not importable; no plots written", file=sys.stderr)
     except (ValueError, OSError) as e:
         print(f"minispatial analyze: error: {e}", file=sys.stderr)
         return 2
-    written = []
-    if args.plots:
-        written = save_plots(doc, args.plots) if agg is None else save_aggregate_plots(agg, args.plots)
-        if not written:
-            print("minispatial analyze: matplotlib is not importable; no plots written", file=sys.stderr)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

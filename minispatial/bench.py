@@ -415,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cfg = model.ModelConfig()
+    try:                                       # refuse what cannot work before timing anything
+        for B in batches:
+            ops.check_memory(f"--batch {B}", model.estimate_model_bytes(cfg, B),
+                             f"a training step of the paper model on a batch of {B}")
+        if args.extras:                        # its trainings write into a temporary directory
+            from minispatial.cli import check_output_dir
+
+            check_output_dir(tempfile.gettempdir(), "--extras: the temporary directory")
+    except (ValueError, OSError) as e:
+        print(f"minispatial bench: error: {e}", file=sys.stderr)
+        return 2
     tm = None
     if args.torch:
         tm = load_torch_model()

@@ -3,6 +3,12 @@
 Every subcommand lives in the module that implements it and builds its own argparse parser,
 so `minispatial <cmd> --help` documents every option of <cmd>. Modules are imported lazily,
 so `minispatial data` does not pay for compiling numba kernels.
+
+Before any command runs, the environment (MINISPATIAL_BACKEND, MINISPATIAL_MEMORY_LIMIT) is
+checked (`check_environment`: a bad value is a one-line error, exit 2). `check_output_dir` and
+`check_output_file` let a command check its output paths before its work. A command whose stdout
+reader goes away (`minispatial data | head -1`) stops quietly with exit status 141, as SIGPIPE
+would.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import select
 import sys
+from pathlib import Path
 
 # The model's matrices are small (128 x 128): a multi-threaded BLAS gains nothing on them and, on
 # a loaded machine, can make a step many times slower. One BLAS thread per process is also what
@@ -49,6 +57,75 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def check_environment() -> None:
+    """ValueError naming the variable, its value and what is allowed, for an invalid
+    MINISPATIAL_BACKEND or MINISPATIAL_MEMORY_LIMIT: checked before any command starts."""
+    from minispatial import ops
+
+    ops.backend_from_env()
+    ops.memory_limit_bytes()
+
+
+def _nearest_existing(path: Path) -> Path:
+    # the path itself or its closest ancestor that exists (lexically, like mkdir -p walks it)
+    p = Path(os.path.abspath(path))
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(path: Path, option: str, directory: Path | None = None) -> None:
+    # ValueError unless the missing directories of `directory` (default `path`) could be created:
+    # its nearest existing ancestor must be a writable directory (os.access also sees read-only
+    # mounts, which stop root too)
+    base = _nearest_existing(path if directory is None else directory)
+    if not base.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be created: {base} is not writable")
+
+
+def check_output_dir(path, option: str) -> None:
+    """Before the work of a command: ValueError naming `option` and `path` unless `path` is a
+    writable directory or could be created as one. Creates nothing."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ValueError(f"{option} {path} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{option} {path} is not writable")
+        return
+    _check_creatable(path, option)
+
+
+def check_output_file(path, option: str) -> None:
+    """Before the work of a command: ValueError naming `option` and `path` unless a file could be
+    written at `path` (an existing writable file, or a new one in a writable or creatable
+    directory). Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory, not a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {path} is not writable")
+        return
+    _check_creatable(path, option, directory=path.parent)
+
+
+SIGPIPE_EXIT = 128 + 13                        # the exit status of a command killed by SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    # True when stdout's reader is gone (so a BrokenPipeError came from stdout, not another pipe):
+    # the write end of a pipe without a reader polls as an error (assumed where poll is missing)
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def usage() -> str:
     lines = ["usage: minispatial <command> [options]   (minispatial <command> --help for details)", "", "commands:"]
     for name, (_, _, desc) in COMMANDS.items():
@@ -69,10 +146,29 @@ def main(argv: list[str] | None = None) -> int:
     if cmd != "bench":
         for var in THREAD_VARS:
             os.environ.setdefault(var, "1")
+    try:
+        check_environment()                    # (imports NumPy: after the thread settings)
+    except ValueError as e:
+        print(f"minispatial {cmd}: error: {e}", file=sys.stderr)
+        return 2
     keep_freed_memory()
     module, func, _ = COMMANDS[cmd]
-    fn = getattr(importlib.import_module(module), func)
-    return int(fn(rest) or 0)
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        return int(fn(rest) or 0)
+    except KeyboardInterrupt:               # Ctrl-C while importing (each command handles its own)
+        print(f"\nminispatial {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # the reader of stdout went away (`minispatial data | head -1`): stop quietly, as a command
+        # killed by SIGPIPE does; stdout to /dev/null so that the interpreter's last flush succeeds
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 `RunConfig` nests three frozen dataclasses: `data` (TestbedConfig), `model` (ModelConfig) and
 `train` (TrainConfig). On the command line every field is set by its flat name
 (`--n_pair 5`, `--lr 3e-4`, `--text_layers 2`) or by its dotted name (`--data.seed 3`); the
-flat name `seed` sets both the testbed seed and the training seed. The model fields that follow
-from the testbed (vocabularies and context lengths) are derived, never set by hand.
+flat name `seed` sets both the testbed seed and the training seed, and a dotted name given with it
+wins in either order (`--data.seed 5 --seed 3`: data.seed 5, train.seed 3). The model fields that
+follow from the testbed (vocabularies and context lengths) are derived, never set by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from minispatial.model import ModelConfig
 from minispatial.text import TEXT_LEN
 
 SCHEDULES = ("cosine", "constant")
+BATCH_WHY = (" (the contrastive loss scores each image against the other captions of its batch, "
+             "its negatives: a batch of 1 has none, its loss is always 0 and nothing is learned)")
 DERIVED_MODEL_FIELDS = ("vision_vocab", "text_vocab", "vision_ctx", "text_ctx")
 
 
@@ -47,11 +50,11 @@ class TrainConfig:
         def bad(name, allowed):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
-        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("seed", 0),
+        for name, lo in (("steps", 1), ("batch_size", 2), ("warmup", 0), ("seed", 0),
                          ("log_every", 1), ("checkpoint_every", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                bad(name, f"an int >= {lo}")
+                bad(name, f"an int >= {lo}" + (BATCH_WHY if name == "batch_size" else ""))
         for name, lo, hi, lo_open, hi_open in (("lr", 0, math.inf, True, True), ("beta1", 0, 1, False, True),
                                                ("beta2", 0, 1, False, True), ("eps", 0, math.inf, True, True),
                                                ("weight_decay", 0, math.inf, False, True),
@@ -140,17 +143,26 @@ def parse_value(key: str, text: str, default):
 def make_config(overrides: dict[str, object] | None = None, preset: str = "paper-left",
                 base: dict | None = None) -> RunConfig:
     """Build a validated RunConfig from a preset, an optional nested base dict (a config.json)
-    and overrides {flat-or-dotted key: value or string}. Unknown keys raise ValueError."""
+    and overrides {flat-or-dotted key: value or string}. Unknown keys raise ValueError.
+
+    Overrides that set several fields (`seed`: data.seed and train.seed) are applied before those
+    that set one, whatever their order: `{"data.seed": 5, "seed": 3}` gives data.seed 5, train.seed 3."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is unknown: allowed {sorted(PRESETS)}")
+    if base is not None:
+        check_object(base)
     keys = all_keys()
     values: dict[str, dict[str, object]] = {sec: {} for sec in SECTIONS}
     def apply(src):
+        resolved = []
         for key, v in src.items():
             k = key.replace("-", "_")
             if k not in keys:
                 raise ValueError(f"unknown config field {key!r}; run `minispatial train --help` for the list")
-            for dotted in keys[k]:
+            resolved.append((keys[k], v))
+        resolved.sort(key=lambda kv: -len(kv[0]))         # stable: the broad names first
+        for dotted_names, v in resolved:
+            for dotted in dotted_names:
                 sec, name = dotted.split(".")
                 default = _default(sec, name)
                 values[sec][name] = parse_value(dotted, v, default) if isinstance(v, str) else v
@@ -179,7 +191,17 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def from_dict(d: dict) -> RunConfig:
     """Inverse of to_dict (a config.json or a checkpoint's config); validates everything."""
+    check_object(d)
     return make_config(base=d)
+
+
+def check_object(d) -> None:
+    """ValueError unless d is a dict (a config's top level is a JSON object)."""
+    if not isinstance(d, dict):
+        kind = "null" if d is None else type(d).__name__
+        shown = "" if d is None else " " + json.dumps(d, default=repr)[:40]
+        raise ValueError(f'a config must be a JSON object {{"data": {{...}}, "model": {{...}}, '
+                         f'"train": {{...}}}}; got {kind}{shown}')
 
 
 def to_json(cfg: RunConfig) -> str:

@@ -8,7 +8,11 @@ Layouts (position pairs i < j) are numbered 0..C(image_len,2)-1 in `np.triu_indi
 
 How the random draws are laid out (so that sweeps are nested, see `make_testbed`):
   1. one random permutation of the image_len positions per label (all n_labels labels);
-  2. one random permutation of the C(image_len,2) layouts per ordered label pair (all n_labels^2).
+  2. one random permutation of the C(image_len,2) layouts per ordered label pair (all n_labels^2),
+     the argsort of C uniform draws, pair (a, b) taking the ((a-1) n_labels + (b-1))-th block of
+     C draws of the stream. Only the permutations of the pairs a split uses are computed, and of
+     each only the prefix and tail it uses (`_layout_draws`); the others are skipped over in the
+     stream, so memory does not grow with n_labels^2 x C(image_len, 2).
 Both depend only on (seed, n_labels, image_len). Training takes a prefix of each permutation and
 evaluation takes the tail, so for one seed changing n_pair, n_layout or n_single_layout grows or
 shrinks the training set without redrawing it, the layouts of every evaluated pair stay the same
@@ -29,6 +33,7 @@ from math import comb
 
 import numpy as np
 
+from minispatial.ops import check_memory
 from minispatial.text import (
     TEXT_LEN,
     Tokenizer,
@@ -137,6 +142,17 @@ class TestbedConfig:
                 f"must be >= {need} (unseen pairs need {need} held-out label{'s' if need > 1 else ''})"
             )
         self._check_range("seed", 0)
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse a testbed that cannot fit in memory (ops.memory_limit_bytes), naming the size
+        fields above their defaults (all of them when none is), before anything is built."""
+        grown = [f.name for f in dataclasses.fields(self)
+                 if f.name in MEMORY_FIELDS and getattr(self, f.name) > f.default] or list(MEMORY_FIELDS)
+        n = sum(split_sizes(self).values())
+        check_memory("TestbedConfig." + ", ".join(f"{k}={getattr(self, k)!r}" for k in grown),
+                     estimate_testbed_bytes(self),
+                     f"the testbed ({n:,} examples of {self.image_len} pixels)")
 
     @property
     def pair_labels(self) -> tuple[int, ...]:
@@ -147,6 +163,55 @@ class TestbedConfig:
     def heldout_labels(self) -> tuple[int, ...]:
         """Labels never seen in a two-object training scene: the last n_heldout."""
         return tuple(range(self.n_labels - self.n_heldout + 1, self.n_labels + 1))
+
+
+# ----------------------------------------------------------------------------- memory
+
+# the fields the testbed's memory grows with (named when it is too large)
+MEMORY_FIELDS = ("image_len", "n_labels", "n_heldout", "n_pair", "n_layout", "n_eval_layout")
+# bytes per example besides its image (8 image_len): the int64 rows of labels, positions,
+# tokens, eot, scene key and sampler order, the form, the caption string and its tuple slot
+EXAMPLE_BYTES = 8 * (2 + 2 + TEXT_LEN + 1 + 1 + 1) + 1 + 90
+# while a split is built, per example: its arrays twice (built, then the Split's frozen copies),
+# the caption list and the unicode array of `_encode` (~4 bytes a character), np.unique's sort
+BUILD_BYTES = 2 * EXAMPLE_BYTES + 400
+
+
+def split_sizes(cfg: TestbedConfig) -> dict[str, int]:
+    """Number of examples of each split (as make_testbed builds them), from the config alone."""
+    C = n_layouts(cfg.image_len)
+    n_pairs = cfg.n_pair * (cfg.n_pair - 1)
+    h = cfg.n_heldout
+    n_unseen = h * (h - 1) if cfg.unseen_mode == "both" else 2 * h * cfg.n_pair
+    forms = 2 if cfg.caption_mode == "left+right" else 1
+    return {"train": cfg.n_labels * cfg.n_single_layout + n_pairs * cfg.n_layout * forms,
+            "val_single": cfg.n_labels * (cfg.image_len - cfg.n_single_layout),
+            "val_seen_pair": n_pairs * max(0, min(cfg.n_eval_layout, C - cfg.n_layout)),
+            "val_unseen_pair": n_unseen * min(cfg.n_eval_layout, C)}
+
+
+def n_train_scenes(cfg: TestbedConfig) -> int:
+    """Distinct scenes of the train split: the largest batch `sample_batch` can draw from it."""
+    return cfg.n_labels + cfg.n_pair * (cfg.n_pair - 1)
+
+
+def estimate_testbed_bytes(cfg: TestbedConfig) -> int:
+    """Peak memory of make_testbed(cfg) and of keeping its splits, estimated from the config.
+
+    The splits: per example its image (8 image_len bytes) and EXAMPLE_BYTES; while the largest
+    split is built, BUILD_BYTES more per example; the layout draws of the used pairs (a block
+    of BLOCK_ELEMS draws and their argsort, or one pair's C draws and their argpartition);
+    the position permutations. Checked against tracemalloc's peak in tests/test_faults_inputs.py."""
+    L, C = cfg.image_len, n_layouts(cfg.image_len)
+    sizes = split_sizes(cfg)
+    n = sum(sizes.values())
+    splits = n * (8 * L + EXAMPLE_BYTES)
+    build = max(sizes.values()) * (8 * L + BUILD_BYTES)
+    n_pairs = cfg.n_pair * (cfg.n_pair - 1) + sizes["val_unseen_pair"] // max(1, min(cfg.n_eval_layout, C))
+    kept_draws = 8 * n_pairs * (cfg.n_layout + min(cfg.n_eval_layout, C))
+    row_draws = 16 * min(BLOCK_ELEMS, cfg.n_labels ** 2 * C) if C < ROW_WISE_MIN else 33 * C
+    positions = 16 * cfg.n_labels * L
+    return int(splits + build + 2 * kept_draws + row_draws + positions + (2 << 20))
 
 
 # ----------------------------------------------------------------------------- split
@@ -329,16 +394,101 @@ def _single_examples(perm: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np
     return labels, positions
 
 
-def _pair_examples(
-    pairs: np.ndarray, layout_perm: np.ndarray, lo: int, hi: int, image_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """pairs [P, 2], layout_perm [n_labels+1, n_labels+1, C], slice lo:hi -> labels [N, 2], positions [N, 2]."""
-    layouts = layout_perm[pairs[:, 0], pairs[:, 1], lo:hi]  # [P, k]
+def _layout_positions(layouts: np.ndarray, image_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """layouts [...] (numbers in np.triu_indices(image_len, k=1) order) -> pixels i [...], j [...], i < j.
+
+    Decoded arithmetically (no [C] table): the layouts of left pixel i start at
+    start[i] = i (L - 1) - i (i - 1) / 2."""
+    L = image_len
+    start = np.concatenate([[0], np.cumsum(np.arange(L - 1, 0, -1))]).astype(np.int64)  # [L]
+    i = np.searchsorted(start, layouts, side="right") - 1
+    return i, layouts - start[i] + i + 1
+
+
+def _pair_examples(pairs: np.ndarray, layouts: np.ndarray, image_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """pairs [P, 2], layouts [P, k] (layout numbers of each pair) -> labels [N, 2], positions [N, 2]."""
+    layouts = np.asarray(layouts, dtype=np.int64).reshape(len(pairs), -1)
     k = layouts.shape[1]
-    i, j = np.triu_indices(image_len, k=1)
+    i, j = _layout_positions(layouts.reshape(-1), image_len)
     labels = np.repeat(pairs, k, axis=0)
-    positions = np.stack([i[layouts.reshape(-1)], j[layouts.reshape(-1)]], 1).astype(np.int64)
+    positions = np.stack([i, j], 1).astype(np.int64)
     return labels.reshape(-1, 2), positions.reshape(-1, 2)
+
+
+# Layout permutations of up to ROW_WISE_MIN - 1 layouts are drawn and argsorted in blocks of
+# consecutive label pairs of at most BLOCK_ELEMS draws (as fast as one argsort of everything);
+# longer ones one pair at a time, selecting only the used prefix and tail (`_head_and_tail`).
+# Both give exactly the permutation entries the materialised argsort gave (tested).
+BLOCK_ELEMS = 1 << 20
+ROW_WISE_MIN = 4096
+
+
+def _head_and_tail(row: np.ndarray, k_head: int, k_tail: int) -> tuple[np.ndarray, np.ndarray]:
+    """row [C] -> (argsort(row)[:k_head], argsort(row)[C - k_tail:]), without sorting the whole row.
+
+    argpartition picks the k_head smallest and k_tail largest values, each selection is sorted.
+    Distinct values have a single sorted order, so this equals argsort's; where a selected value
+    is tied (within the selection or with one left out), the order among equals is argsort's own
+    choice, and argsort of the whole row is taken instead."""
+    C = len(row)
+    if k_head + k_tail >= C:
+        full = np.argsort(row)
+        return full[:k_head], full[C - k_tail:]
+    if k_head == 0 and k_tail == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    kth = ([k_head - 1] if k_head else []) + ([C - k_tail] if k_tail else [])
+    part = np.argpartition(row, kth)
+    head, tail = part[:k_head], part[C - k_tail:]
+    head, tail = head[np.argsort(row[head])], tail[np.argsort(row[tail])]
+    hv, tv = row[head], row[tail]
+    tied = bool(np.any(hv[1:] == hv[:-1]) or np.any(tv[1:] == tv[:-1])
+                or (k_head and np.count_nonzero(row <= hv[-1]) != k_head)
+                or (k_tail and np.count_nonzero(row >= tv[0]) != k_tail))
+    if tied:
+        full = np.argsort(row)
+        return full[:k_head], full[C - k_tail:]
+    return head.astype(np.int64), tail.astype(np.int64)
+
+
+def _skip_draws(rng: np.random.Generator, n: int) -> None:
+    # as if n uniform doubles were drawn: Generator.random takes one 64-bit output per double
+    if n > 0:
+        rng.bit_generator.advance(n)
+
+
+def _layout_draws(
+    rng: np.random.Generator, n_labels: int, C: int, rows: np.ndarray, k_head: int, k_tail: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """rows [R] increasing pair numbers (a-1) n_labels + (b-1) -> heads int64 [R, k_head], tails
+    int64 [R, k_tail]: the first k_head and the last k_tail entries of each pair's layout permutation.
+
+    The permutation of pair (a, b) is argsort of the C uniform draws at block (a-1) n_labels + (b-1)
+    of `rng`'s stream (labels 1..n_labels; module docstring). Pairs not wanted are skipped over
+    in the stream; the generator is left somewhere after the last wanted block."""
+    R = len(rows)
+    heads = np.empty((R, k_head), dtype=np.int64)
+    tails = np.empty((R, k_tail), dtype=np.int64)
+    at = 0                                   # the stream position, in blocks of C draws
+    if C < ROW_WISE_MIN:
+        per = max(1, BLOCK_ELEMS // C)
+        i = 0
+        while i < R:
+            first = int(rows[i])
+            n = int(np.searchsorted(rows, first + per)) - i           # wanted rows in this block
+            last = int(rows[i + n - 1])
+            _skip_draws(rng, (first - at) * C)
+            perm = np.argsort(rng.random((last - first + 1, C)), axis=1)   # [rows, C]
+            at = last + 1
+            sel = rows[i:i + n] - first
+            heads[i:i + n] = perm[sel, :k_head]
+            tails[i:i + n] = perm[sel, C - k_tail:]
+            i += n
+    else:
+        for i, r in enumerate(rows.tolist()):
+            _skip_draws(rng, (r - at) * C)
+            heads[i], tails[i] = _head_and_tail(rng.random(C), k_head, k_tail)
+            at = r + 1
+    return heads, tails
 
 
 def _unseen_pairs(cfg: TestbedConfig) -> np.ndarray:
@@ -360,7 +510,8 @@ def make_testbed(cfg: TestbedConfig) -> Testbed:
     Evaluation splits carry the left form only (use `Split.right_form()` for the other).
 
     Random draws (rng = default_rng(seed)): a position permutation per label, then a layout
-    permutation per ordered label pair, for all labels whatever n_pair. Training takes the first
+    permutation per ordered label pair, for all labels whatever n_pair (only the used pairs'
+    used entries are computed, see `_layout_draws`). Training takes the first
     n_single_layout / n_layout entries, evaluation the last ones, so sweeps over n_pair, n_layout and
     n_single_layout are nested for one seed, and the evaluation layouts of a pair stay the same while
     n_layout <= C(L,2) - n_eval_layout.
@@ -368,16 +519,23 @@ def make_testbed(cfg: TestbedConfig) -> Testbed:
     L, n_lab, C = cfg.image_len, cfg.n_labels, n_layouts(cfg.image_len)
     rng = np.random.default_rng(cfg.seed)
     pos_perm = np.argsort(rng.random((n_lab, L)), axis=1)  # [n_labels, L]; row k-1 is label k
-    layout_perm = np.zeros((n_lab + 1, n_lab + 1, C), dtype=np.int64)
-    layout_perm[1:, 1:] = np.argsort(rng.random((n_lab, n_lab, C)), axis=2)  # indexed by (a, b)
     tok = Tokenizer(n_lab)
 
     single_train = _single_examples(pos_perm, 0, cfg.n_single_layout)
     pairs = _ordered_pairs(cfg.pair_labels, cfg.pair_labels)
-    pair_train = _pair_examples(pairs, layout_perm, 0, cfg.n_layout, L)
+    unseen = _unseen_pairs(cfg)
     n_seen_eval = min(cfg.n_eval_layout, C - cfg.n_layout)
-    seen_eval = _pair_examples(pairs, layout_perm, C - n_seen_eval, C, L)
-    unseen_eval = _pair_examples(_unseen_pairs(cfg), layout_perm, C - min(cfg.n_eval_layout, C), C, L)
+    n_unseen_eval = min(cfg.n_eval_layout, C)
+    # of each used pair's layout permutation: the first n_layout (train), the last ones (evaluation)
+    pair_rows, unseen_rows = ((p[:, 0] - 1) * n_lab + (p[:, 1] - 1) for p in (pairs, unseen))
+    rows = np.unique(np.concatenate([pair_rows, unseen_rows]))
+    k_tail = max(n_seen_eval, n_unseen_eval)
+    heads, tails = _layout_draws(rng, n_lab, C, rows, cfg.n_layout, k_tail)
+    ip, iu = np.searchsorted(rows, pair_rows), np.searchsorted(rows, unseen_rows)
+    pair_train = _pair_examples(pairs, heads[ip], L)
+    seen_eval = _pair_examples(pairs, tails[ip, k_tail - n_seen_eval:], L)
+    unseen_eval = _pair_examples(unseen, tails[iu, k_tail - n_unseen_eval:], L)
+    del heads, tails
 
     forms = [FORM_LEFT] if cfg.caption_mode == "left" else [FORM_LEFT, FORM_RIGHT]
     parts = [(*single_train, FORM_SINGLE)] + [(*pair_train, f) for f in forms]

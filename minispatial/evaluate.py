@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`minispatial eval CHECKPOINT [--json]` -> 0, or 2 on a missing/corrupt checkpoint."""
+    """`minispatial eval CHECKPOINT [--json]` -> 0, 2 on a missing, corrupt or invalid checkpoint
+    (`train.load_checkpoint` validates every entry, so a NaN model is refused, naming the tensor,
+    instead of scoring chance), 130 on Ctrl-C."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the message (or the help)
@@ -352,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"minispatial eval: error: {e}", file=sys.stderr)
         return 2
-    metrics = {"step": step, **evaluate_all(params, make_testbed(cfg.data), cfg.model)}
+    try:
+        metrics = {"step": step, **evaluate_all(params, make_testbed(cfg.data), cfg.model)}
+    except KeyboardInterrupt:
+        print("\nminispatial eval: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({k: _json_safe(v) for k, v in metrics.items()}, indent=2))
     else:

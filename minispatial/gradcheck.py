@@ -2,6 +2,9 @@
 
     minispatial gradcheck [--backend numpy|numba|both] [--seed S] [--quick] [--only NAMES] [--no-model]
 
+--quick (a second or two) checks every op and every parameter name of the full check at least once,
+the model tensors along QUICK_DIRS random directions, and prints what it skips.
+
 What is checked, on each backend (the numba one swaps in the kernels of minispatial.kernels):
 every input and parameter tensor of every op in ops.py (`op_cases`: embedding with repeated ids,
 position embedding, CLS prepend, linear with and without bias, attention bidirectional / causal /
@@ -157,14 +160,14 @@ class Case:
 
 
 def check_tensor(f, x, analytic, rng, h: float | None = None,
-                 full_max: int = FULL_MAX) -> tuple[str, float]:
+                 full_max: int = FULL_MAX, n_dirs: int = N_DIRS) -> tuple[str, float]:
     # x [...], analytic [...] -> (method "full" | "directional", max relative error)
     analytic = np.asarray(analytic)
     if analytic.shape != np.shape(x):
         raise ValueError(f"analytic gradient has shape {analytic.shape}, its tensor {np.shape(x)}")
     if np.size(x) <= full_max:
         return "full", float(rel_error(analytic, numeric_grad(f, x, h)).max(initial=0.0))
-    return "directional", directional_check(f, x, analytic, rng, h)
+    return "directional", directional_check(f, x, analytic, rng, h, n_dirs)
 
 
 def check_case(case: Case, rng: np.random.Generator, h: float | None = None,
@@ -179,14 +182,14 @@ def check_case(case: Case, rng: np.random.Generator, h: float | None = None,
 
 
 def check_named(op: str, name: str, f, x, analytic, rng, h: float | None = None,
-                full_max: int = FULL_MAX) -> Result:
+                full_max: int = FULL_MAX, n_dirs: int = N_DIRS) -> Result:
     """`check_tensor` as a Result; a missing gradient or one of the wrong shape is a FAIL
     (error NaN, method "missing" / "shape [...]") rather than an exception."""
     shape = tuple(np.shape(x))
     if analytic is None or np.shape(analytic) != shape:
         method = "missing" if analytic is None else f"shape {list(np.shape(analytic))}"
         return Result(op, name, shape, method, math.nan, ops.get_backend())
-    method, err = check_tensor(f, x, analytic, rng, h, full_max)
+    method, err = check_tensor(f, x, analytic, rng, h, full_max, n_dirs)
     return Result(op, name, shape, method, err, ops.get_backend())
 
 
@@ -392,22 +395,37 @@ def op_cases(rng: np.random.Generator, s: Sizes = Sizes()) -> list[Case]:
 # --------------------------------------------------------------------------------------------
 # the whole model
 
+QUICK_DIRS = 2       # --quick: random directions per model tensor (instead of every element)
+
+
 def model_configs(quick: bool = False) -> dict:
     """name -> (float64 ModelConfig, full_max) checked by `run_all`:
     - "model (paper)": tiny attention-only towers (the paper's topology), every element;
     - "model (ln+mlp+proj)": tiny, every option on (LayerNorm, MLP, projection, 2 text layers,
       sqrt(D) embedding scale), every element;
     - "model (paper size)": the paper's widths (D 128, 4 heads of 32), directional checks for
-      the tensors over full_max elements (all of them with --quick)."""
+      the tensors over full_max elements.
+    quick: the two tiny models only (between them they have every parameter name of the three),
+    every tensor along QUICK_DIRS random directions (full_max 0); see QUICK_SKIPS."""
     from minispatial.model import ModelConfig
 
     tiny = ModelConfig(d_model=6, n_heads=2, d_head=3, d_mlp=8, dtype="float64", vision_vocab=5,
                        text_vocab=7, vision_ctx=5, text_ctx=4)
-    return {"model (paper)": (tiny, FULL_MAX),
-            "model (ln+mlp+proj)": (replace(tiny, layernorm=True, mlp=True, proj_dim=4,
-                                            text_layers=1 if quick else 2, embed_scale="sqrt_d"),
-                                    FULL_MAX),
-            "model (paper size)": (ModelConfig(dtype="float64"), 0 if quick else 128)}
+    configs = {"model (paper)": (tiny, 0 if quick else FULL_MAX),
+               "model (ln+mlp+proj)": (replace(tiny, layernorm=True, mlp=True, proj_dim=4, text_layers=2,
+                                               embed_scale="sqrt_d"), 0 if quick else FULL_MAX)}
+    if not quick:
+        configs["model (paper size)"] = (ModelConfig(dtype="float64"), 128)
+    return configs
+
+
+# what --quick leaves out, printed by `main`
+QUICK_SKIPS = (
+    "model (paper size) (the same parameter names and code as model (paper), at D 128)",
+    f"element-by-element checks of the model tensors (each is checked along {QUICK_DIRS} random "
+    f"directions instead)",
+    "the larger op shapes (B 3, T 5, H 2, Dh 4, D 6; --quick: B 2, T 4, H 2, Dh 3, D 5)",
+)
 
 
 def model_batch(cfg, B: int, rng: np.random.Generator):
@@ -420,12 +438,13 @@ def model_batch(cfg, B: int, rng: np.random.Generator):
 
 
 def check_model(cfg=None, seed: int = 0, B: int = 4, full_max: int = FULL_MAX,
-                h: float | None = None, name: str = "model") -> list[Result]:
+                h: float | None = None, name: str = "model", n_dirs: int = N_DIRS) -> list[Result]:
     """Check `model.loss_and_grads` for every parameter tensor of `cfg` (default: the tiny
     attention-only config; any config is switched to float64) on a random batch (`model_batch`).
     Parameters start from `init_params(cfg, seed)` plus N(0, 0.1) noise, so that zero biases
     and unit LayerNorm weights do not hide a term. One Result per parameter tensor; a tensor
-    without a gradient, or with a gradient of the wrong shape, gets error NaN (FAIL)."""
+    without a gradient, or with a gradient of the wrong shape, gets error NaN (FAIL). Tensors
+    over full_max elements are checked along n_dirs random directions."""
     from minispatial import model
 
     cfg = model_configs()["model (paper)"][0] if cfg is None else cfg
@@ -442,7 +461,7 @@ def check_model(cfg=None, seed: int = 0, B: int = 4, full_max: int = FULL_MAX,
     for pname, x in params.items():
         def f(t, pname=pname):
             return loss_fn({**params, pname: t}, images, tokens, eot, cfg)
-        results.append(check_named(name, pname, f, x, grads.get(pname), rng, h, full_max))
+        results.append(check_named(name, pname, f, x, grads.get(pname), rng, h, full_max, n_dirs))
     return results
 
 
@@ -469,8 +488,8 @@ def run_all(seed: int = 0, quick: bool = False, only: list[str] | None = None,
     if model:
         for i, (name, (cfg, full_max)) in enumerate(model_configs(quick).items()):
             if wanted(name):
-                results += check_model(cfg, seed=seed + i, B=3 if quick else 4,
-                                       full_max=full_max, name=name)
+                results += check_model(cfg, seed=seed + i, B=3 if quick else 4, full_max=full_max,
+                                       name=name, n_dirs=QUICK_DIRS if quick else N_DIRS)
     return results
 
 
@@ -492,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("numpy", "numba", "both"), default="both",
                     help="implementation of the hot ops to check (default: both)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every random input (default 0)")
-    ap.add_argument("--quick", action="store_true", help="smaller shapes (a few seconds)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a second or two: every op and every parameter name at least once, "
+                         "model tensors along random directions (prints what it skips)")
     ap.add_argument("--only", default="",
                     help="comma-separated substrings of op names to check (default: all)")
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model checks")
@@ -512,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = float(np.max([r.err for r in results])) if results else 0.0
     print(f"# {len(results) - len(failed)} PASS, {len(failed)} FAIL; max rel err {worst:.2e} "
           f"(tolerance {REL_TOL:g}; order-{ORDER} central differences, h {H_STEP:g}; floor {FLOOR:g})")
+    if args.quick:
+        print("# --quick skipped: " + "; ".join(QUICK_SKIPS))
     if not results:
         print("# nothing was checked: --only matched no op")
         return 1

@@ -82,9 +82,113 @@ class ModelConfig:
         v = self.logit_scale_init
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= math.log(100.0)):
             raise ValueError(f"ModelConfig.logit_scale_init={v!r} is invalid: must be a number in [0, ln 100]")
+        # memory: the parameters, their gradients and AdamW moments and one example's activations
+        # (the batch is checked where it is known: check_run_memory, `minispatial bench`)
+        ops.check_memory(self.memory_subject(), estimate_model_bytes(self, 1),
+                         f"the model ({n_params(self):,} parameters; with gradients, AdamW moments "
+                         f"and the activations of one example)")
+
+    def memory_subject(self) -> str:
+        """'ModelConfig.d_model=4096, ...': the size fields above their defaults (all if none)."""
+        grown = [f.name for f in dataclasses.fields(self) if f.name in MEMORY_FIELDS
+                 and getattr(self, f.name) > f.default and (f.name != "d_mlp" or self.mlp)]
+        return "ModelConfig." + ", ".join(f"{k}={getattr(self, k)!r}" for k in grown or MEMORY_FIELDS)
 
     def layers(self, tower: str) -> int:
         return self.vision_layers if tower == "vision" else self.text_layers
+
+
+# --------------------------------------------------------------------------------------------
+# memory: estimates for refusing a config that cannot fit, before anything is built
+
+# the fields the model's memory grows with (named when it is too large)
+MEMORY_FIELDS = ("d_model", "n_heads", "d_head", "vision_layers", "text_layers", "d_mlp", "proj_dim",
+                 "vision_vocab", "text_vocab", "vision_ctx", "text_ctx")
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Number of parameters, by formula (= the sizes of param_shapes(cfg), tested; a dict of a
+    million layers' names would itself take seconds to build)."""
+    D, H, Dh, F = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    block = 4 * H * D * Dh + 3 * H * Dh + D                          # attention
+    if cfg.mlp:
+        block += 2 * D * F + F + D
+    if cfg.layernorm:
+        block += 4 * D if cfg.mlp else 2 * D                         # ln1 (and ln2)
+    total = 1 + D                                                    # logit scale, CLS embedding
+    for vocab, ctx, tower in ((cfg.vision_vocab, cfg.vision_ctx, "vision"), (cfg.text_vocab, cfg.text_ctx, "text")):
+        total += (vocab + ctx) * D + cfg.layers(tower) * block
+        total += (2 * D if cfg.layernorm else 0) + D * cfg.proj_dim
+    return total
+
+
+def _activation_elems(cfg: ModelConfig, B: int, train: bool) -> int:
+    # floats alive at the peak of a step of the dense (NumPy reference) path on a batch of B:
+    # per layer the cached q, k, v, z [B, T, H*Dh], pattern [B, H, T, T], residual stream, attention
+    # output and LayerNorm / MLP activations (3 [B, T, F]); plus, in the layer being computed, the
+    # scores and softmax temporaries (3 [B, H, T, T]), the qkv GEMM's output and the GELU backward's
+    # temporaries (6 [B, T, F]); plus the CLIP loss's [B, B] logits, both softmaxes and their
+    # gradients. train=False: one tower's forward (evaluation)
+    D, H, HD, F = cfg.d_model, cfg.n_heads, cfg.n_heads * cfg.d_head, cfg.d_mlp
+    towers = []
+    for tower in TOWERS:
+        T = cfg.vision_ctx if tower == "vision" else cfg.text_ctx
+        layer = 4 * B * T * HD + B * H * T * T + 3 * B * T * D
+        layer += (2 * B * T * D if cfg.layernorm else 0) + (3 * B * T * F + B * T * D if cfg.mlp else 0)
+        work = 3 * B * H * T * T + 6 * B * T * HD + 3 * B * T * D + (6 * B * T * F if cfg.mlp else 0)
+        towers.append((cfg.layers(tower) * layer + 3 * B * T * D, work))
+    E = cfg.proj_dim or D
+    if not train:
+        return max(cache + work for cache, work in towers) + 2 * B * E
+    return sum(cache for cache, _ in towers) + max(work for _, work in towers) + 6 * B * B + 8 * B * E
+
+
+def estimate_model_bytes(cfg: ModelConfig, batch: int, train: bool = True) -> int:
+    """Peak memory of training `cfg` on batches of `batch` examples, estimated from the shapes.
+
+    The parameters (7 x: themselves, the flat copy `optim.flatten` makes, the gradients and their
+    flat buffer, the two AdamW moments, and the moments' zeros while they are flattened),
+    and the activations of one step on the dense NumPy path (the numba fast path needs less):
+    they grow with d_model^2 x layers (weights), batch x heads x ctx^2 x layers (attention
+    patterns) and batch^2 (the CLIP logits). train=False: the parameters and one tower's forward
+    pass (evaluation). Bytes of cfg.dtype; checked against tracemalloc's peak in the tests."""
+    item = np.dtype(cfg.dtype).itemsize
+    return int(item * (7 * n_params(cfg) + _activation_elems(cfg, int(batch), train)) + (1 << 20))
+
+
+def estimate_run_bytes(data_cfg, model_cfg: ModelConfig, batch_size: int) -> int:
+    """Peak memory of `minispatial train` for a TestbedConfig, a ModelConfig and a batch size:
+    the testbed, plus the larger of a training step (the batch capped at the distinct training
+    scenes, as `data.sample_batch` caps it) and evaluation (one tower's forward on
+    evaluate.ENCODE_CHUNK rows, and the caption bank of every n (2n - 1) caption: its
+    features, tokens and strings)."""
+    from minispatial import data, evaluate
+
+    B = min(int(batch_size), data.n_train_scenes(data_cfg))
+    n = data_cfg.n_labels
+    E = model_cfg.proj_dim or model_cfg.d_model
+    bank = n * (2 * n - 1) * (8 * E + 8 * (model_cfg.text_ctx + 1) + 130) + 16 * (n + 1) ** 2
+    evaluation = estimate_model_bytes(model_cfg, evaluate.ENCODE_CHUNK, train=False) + bank
+    return data.estimate_testbed_bytes(data_cfg) + max(estimate_model_bytes(model_cfg, B), evaluation)
+
+
+def check_run_memory(data_cfg, model_cfg: ModelConfig, batch_size: int) -> None:
+    """ValueError when `estimate_run_bytes` is over the memory limit (ops.memory_limit_bytes):
+    naming TrainConfig.batch_size when a batch of 1 would fit, else the testbed's and the
+    model's size fields above their defaults."""
+    from minispatial import data
+
+    need = estimate_run_bytes(data_cfg, model_cfg, batch_size)
+    if need <= ops.memory_limit_bytes():
+        return
+    B = min(int(batch_size), data.n_train_scenes(data_cfg))
+    if estimate_run_bytes(data_cfg, model_cfg, 1) <= ops.memory_limit_bytes():
+        subject = f"TrainConfig.batch_size={batch_size!r}"
+    else:
+        grown = [f"{f.name}={getattr(data_cfg, f.name)!r}" for f in dataclasses.fields(data_cfg)
+                 if f.name in data.MEMORY_FIELDS and getattr(data_cfg, f.name) > f.default]
+        subject = model_cfg.memory_subject() + (" with TestbedConfig." + ", ".join(grown) if grown else "")
+    ops.check_memory(subject, need, f"training and evaluation (testbed, model, a batch of {B})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,17 +22,35 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from typing import Callable
 
 import numpy as np
 
 BACKENDS = ("numpy", "numba")
-_backend = os.environ.get("MINISPATIAL_BACKEND", "numba")
-if _backend not in BACKENDS:
-    raise ValueError(f"MINISPATIAL_BACKEND={_backend!r} is not allowed: must be one of {BACKENDS}")
+BACKEND_VAR = "MINISPATIAL_BACKEND"
+
+
+def backend_from_env() -> str:
+    """The backend MINISPATIAL_BACKEND names (default "numba"); ValueError naming the variable,
+    its value and the allowed values otherwise. Read at import, but an invalid value is only
+    refused when the backend is used (`get_backend`), so that importing never fails and each
+    command can report it as a one-line error (cli.check_environment)."""
+    name = os.environ.get(BACKEND_VAR, "numba")
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_VAR}={name!r} is not allowed: must be one of {BACKENDS}")
+    return name
+
+
+try:
+    _backend = backend_from_env()
+except ValueError:
+    _backend = None                      # refused by get_backend until set_backend is called
 
 
 def get_backend() -> str:
+    if _backend is None:
+        return backend_from_env()        # raises ValueError naming MINISPATIAL_BACKEND
     return _backend
 
 
@@ -96,6 +114,65 @@ def check_ids(name: str, ids, V: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# memory budget: a size that cannot fit is refused before anything is built, with an estimate
+# (data.estimate_testbed_bytes, model.estimate_model_bytes / estimate_run_bytes) and the limit
+
+MEMORY_VAR = "MINISPATIAL_MEMORY_LIMIT"  # bytes, or with a suffix K, M, G, T (powers of 1024)
+MEMORY_FRACTION = 0.5                    # default limit: this fraction of physical memory
+MEMORY_FALLBACK = 4 << 30                # default limit where physical memory cannot be read
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def physical_memory_bytes() -> int | None:
+    """Physical memory (sysconf page size x pages), or None where sysconf cannot tell."""
+    try:
+        n = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return n if n > 0 else None
+
+
+def memory_limit_bytes() -> int:
+    """The memory a config may need: MINISPATIAL_MEMORY_LIMIT if set (e.g. 8G), else
+    MEMORY_FRACTION of physical memory, else MEMORY_FALLBACK. ValueError on a bad variable."""
+    text = os.environ.get(MEMORY_VAR, "").strip()
+    if text:
+        m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:i?B)?", text, flags=re.IGNORECASE)
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()] if m else 0.0
+        if value < 1:
+            raise ValueError(f"{MEMORY_VAR}={text!r} is invalid: must be a number of bytes >= 1, "
+                             f"optionally with a suffix K, M, G or T (powers of 1024), e.g. 8G")
+        return int(value)
+    phys = physical_memory_bytes()
+    return int(phys * MEMORY_FRACTION) if phys else MEMORY_FALLBACK
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_memory(subject: str, need: int, what: str) -> None:
+    """ValueError "{subject} is too large: {what} would need an estimated X, over the memory
+    limit of Y (where Y comes from)" when need > memory_limit_bytes()."""
+    limit = memory_limit_bytes()
+    if need <= limit:
+        return
+    if os.environ.get(MEMORY_VAR, "").strip():
+        source = f"set by {MEMORY_VAR}"
+    else:
+        phys = physical_memory_bytes()
+        source = (f"{MEMORY_FRACTION:g} of the {format_bytes(phys)} of physical memory" if phys
+                  else "a fixed default: physical memory is unknown") + f"; {MEMORY_VAR} overrides it"
+    raise ValueError(f"{subject} is too large: {what} would need an estimated {format_bytes(need)}, "
+                     f"over the memory limit of {format_bytes(limit)} ({source})")
+
+
+# --------------------------------------------------------------------------------------------
 # token embedding
 
 def embedding_forward(W_E, ids):
@@ -116,7 +193,7 @@ def embedding_backward(dout, cache):
 
 def scatter_add_rows(idx, src, V: int):
     # idx [N] int, src [N, D] -> out [V, D] with out[idx[n]] += src[n]
-    if _backend == "numba":
+    if get_backend() == "numba":
         return _kernels().scatter_add_rows(np.ascontiguousarray(idx, dtype=np.int64),
                                            np.ascontiguousarray(src), V)
     out = np.zeros((V, src.shape[1]), dtype=src.dtype)
@@ -329,7 +406,7 @@ def softmax_backward(dpattern, pattern):
 
 def attention_core_forward(q, k, v, causal: bool):
     # q, k, v [B, T, H, Dh] -> z [B, T, H, Dh], pattern [B, H, T, T]
-    if _backend == "numba":
+    if get_backend() == "numba":
         return _kernels().attention_core_forward(q, k, v, causal)
     return attention_core_forward_np(q, k, v, causal)
 
@@ -352,7 +429,7 @@ def attention_core_forward_np(q, k, v, causal: bool, mask=None, hooks=None, reco
 
 def attention_core_backward(dz, q, k, v, pattern):
     # dz [B, T, H, Dh] -> dq, dk, dv [B, T, H, Dh]
-    if _backend == "numba":
+    if get_backend() == "numba":
         return _kernels().attention_core_backward(dz, q, k, v, pattern)
     return attention_core_backward_np(dz, q, k, v, pattern)
 

@@ -3,7 +3,8 @@
     minispatial sweep --grid n_pair=5,10,15 [--grid KEY=V1,V2 ...] --seeds 0-4
                       [--set key=value ...] [--preset NAME] --out DIR [--workers N] [--quiet]
 
-Every combination is validated with `config.make_config` before anything runs. Each run is
+Every combination is validated with `config.make_config`, and DIR is checked to be a writable
+directory, before anything runs. Each run is
 `python -m minispatial train --out DIR/runs/<name> --preset P --quiet --key=value ...`, at most
 `--workers` at a time, each single-threaded (OMP/OpenBLAS/MKL/numba threads = 1) so results do not
 depend on the machine's load. Run names are the grid values then the seed: `n_pair=5__seed=0`.
@@ -13,21 +14,43 @@ config this sweep asks for); a run directory without summary.json (interrupted o
 trained again with --overwrite. A failed run (non-zero exit) is recorded with the last lines of its
 stderr and does not stop the sweep.
 
+Several invocations into one DIR add up: results.csv and summary.csv hold every finished run under
+DIR/runs (of this or any earlier invocation), not only this invocation's grid. Their grid columns
+are the union of every invocation's grid keys, then any other config field whose value differs
+between runs (e.g. `steps` if two invocations used different --set steps=...); a run whose own grid
+lacks such a key gets its value from its config.json, spelled as in a grid where the value is the
+same (`1e-3`, not `0.001`), so rows stay comparable.
+
+One sweep at a time per DIR: a sweep holds an exclusive lock (flock) on DIR, inherited by its
+trainings, and a second sweep into DIR is refused. The trainings die with their sweep: on Linux
+each is started with PR_SET_PDEATHSIG = SIGKILL, so `kill -9` of the sweep also kills them (their
+run directories have no summary.json and are retrained by the next invocation). Where prctl does
+not exist (macOS), trainings outlive a killed sweep and finish on their own; until they do they
+hold DIR's lock, so a new sweep into DIR is refused rather than training the same runs twice.
+
 Files in DIR:
-    sweep.json        the command, preset, grid, seeds and fixed settings of the last invocation
+    sweep.json        this invocation's command, preset, grid, seeds and fixed settings, and
+                      "invocations": the same for every invocation into DIR, oldest first
     runs/<name>/      each run's directory (config.json, metrics.jsonl, checkpoint.npz, summary.json)
     logs/<name>.out|.err|.json   the run's stdout, stderr, and {status, returncode, wall_s, command}
     results.csv       one row per run: run, status, error, grid keys, seed, wall_s, every summary field
     summary.csv       mean and sample std (ddof=1) over seeds of every numeric column, per grid point
     figures/<metric>.png  key metrics against the first grid key (needs matplotlib: extra `plot`)
+results.csv, summary.csv and sweep.json are replaced atomically (temporary file + rename): a
+failed write (disk full) leaves the previous file whole.
 
-Exit code: 0 if every run succeeded, 1 if some failed, 2 on bad arguments, 130 if interrupted.
+Exit code: 0 if every run succeeded, 1 if some failed (or results.csv could not be written),
+2 on bad arguments (including an --out that is not a writable directory or is in use by another
+sweep), 130 if interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -36,6 +59,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -45,6 +69,7 @@ from pathlib import Path
 from minispatial import config as config_mod
 from minispatial.data import SPLIT_NAMES
 from minispatial.evaluate import METRICS
+from minispatial.model import check_run_memory
 
 KEY_METRICS = (
     "val_unseen_pair.lr_acc", "val_seen_pair.lr_acc", "val_unseen_pair.lr_acc_right",
@@ -165,7 +190,9 @@ def validate(runs: list[Run], preset: str) -> dict[str, config_mod.RunConfig]:
     cfgs = {}
     for run in runs:
         try:
-            cfgs[run.name] = config_mod.make_config(run.overrides, preset=preset)
+            cfg = config_mod.make_config(run.overrides, preset=preset)
+            check_run_memory(cfg.data, cfg.model, cfg.train.batch_size)
+            cfgs[run.name] = cfg
         except ValueError as e:
             raise ValueError(f"run {run.name}: {e}") from None
     return cfgs
@@ -193,11 +220,53 @@ def check_existing(runs: list[Run], cfgs: dict, runs_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # running
 
+# Trainings die with their sweep (Linux). A parent-death signal must be set in the child between
+# fork and exec. Not with Popen(preexec_fn=...): the sweep forks from ThreadPoolExecutor threads,
+# and Python code run in the child of a multi-threaded process can deadlock on a lock another
+# thread held at the fork (the subprocess docs warn against preexec_fn with threads; it also
+# disables the vfork fast path). Instead the child execs this tiny launcher (`python -c`, ~30 ms,
+# imports nothing but ctypes), which sets PR_SET_PDEATHSIG = SIGKILL, checks it was not orphaned
+# before that (the sweep died between fork and prctl: then its parent pid is no longer the
+# sweep's), and execs the training, which keeps the same pid and the death signal (it is cleared
+# only for set-user-ID binaries). Linux sends the signal when the *thread* that forked the child
+# exits: here a pool thread that waits for that same child, so it outlives it. Without prctl
+# (macOS) the training is started directly and outlives a killed sweep (see the module docstring).
+PDEATHSIG = sys.platform.startswith("linux")
+_LAUNCHER = """\
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    prctl = None
+PR_SET_PDEATHSIG = 1
+if prctl is not None and prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(int(signal.SIGKILL)), ctypes.c_ulong(0),
+                               ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+    sys.stderr.write("minispatial sweep: prctl(PR_SET_PDEATHSIG) failed: %s\\n"
+                     % os.strerror(ctypes.get_errno()))
+if os.getppid() != parent:
+    sys.stderr.write("minispatial sweep: error: the sweep (parent pid %d) exited before this training "
+                     "started; not training\\n" % parent)
+    os._exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_parent_command(cmd: list[str], parent_pid: int | None = None) -> list[str]:
+    """`cmd` started through the launcher that ties its life to `parent_pid` (default: this
+    process); `cmd` unchanged where PR_SET_PDEATHSIG does not exist."""
+    if not PDEATHSIG:
+        return list(cmd)
+    parent = os.getpid() if parent_pid is None else parent_pid
+    return [sys.executable, "-c", _LAUNCHER, str(parent), *cmd]
+
+
 class Runner:
     """Starts training subprocesses and can stop them all (on Ctrl-C)."""
 
-    def __init__(self, out: Path, preset: str):
+    def __init__(self, out: Path, preset: str, pass_fds: tuple[int, ...] = ()):
         self.out, self.preset = out, preset
+        self.pass_fds = tuple(pass_fds)     # the lock on DIR: held by every training too
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
@@ -209,22 +278,40 @@ class Runner:
         return cmd + (["--overwrite"] if overwrite else [])
 
     def run(self, run: Run) -> dict:
-        """Train one run; -> its record {status, returncode, wall_s, error, command}."""
+        """Train one run; -> its record {status, returncode, wall_s, error, command}. Never raises
+        on an I/O error: a log that cannot be written or a process that cannot be started is a
+        failed run whose error says why."""
         run_dir = self.out / "runs" / run.name
         cmd = self.command(run, overwrite=run_dir.exists())
         logs = self.out / "logs"
         env = {**os.environ, **SINGLE_THREAD_ENV}
         t0 = time.perf_counter()
-        with open(logs / f"{run.name}.out", "w") as fo, open(logs / f"{run.name}.err", "w") as fe:
+
+        def failed(error: str) -> dict:
+            return {"status": "interrupted" if self.stopping else "failed", "returncode": None,
+                    "wall_s": round(time.perf_counter() - t0, 2), "error": error, "command": cmd}
+
+        with contextlib.ExitStack() as stack:
+            try:
+                fo = stack.enter_context(open(logs / f"{run.name}.out", "w"))
+                fe = stack.enter_context(open(logs / f"{run.name}.err", "w"))
+            except OSError as e:
+                return failed(f"cannot write the run's log {e.filename}: {e.strerror or e}")
             with self.lock:
                 if self.stopping:
                     return {"status": "not_run", "returncode": None, "wall_s": math.nan, "error": "",
                             "command": cmd}
-                proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env)
+                try:
+                    proc = subprocess.Popen(die_with_parent_command(cmd), stdout=fo, stderr=fe, env=env,
+                                            pass_fds=self.pass_fds)
+                except OSError as e:
+                    return failed(f"cannot start the training: {e.strerror or e}")
                 self.procs[run.name] = proc
-            rc = proc.wait()
-            with self.lock:
-                del self.procs[run.name]
+            try:
+                rc = proc.wait()
+            finally:
+                with self.lock:
+                    del self.procs[run.name]
         wall = time.perf_counter() - t0
         error = ""
         if rc != 0:
@@ -235,24 +322,162 @@ class Runner:
         record = {"status": status, "returncode": rc, "wall_s": round(wall, 2),
                   "error": error, "command": cmd}
         if not self.stopping:
-            (logs / f"{run.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+            try:
+                write_atomic(logs / f"{run.name}.json", json.dumps(record, indent=2) + "\n")
+            except OSError as e:          # the run itself is unaffected: only its wall_s is lost
+                print(f"minispatial sweep: warning: cannot write {e.filename}: {e.strerror or e}",
+                      file=sys.stderr)
         return record
 
-    def stop(self) -> None:
+    def stop(self, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGKILL)) -> None:
         """Ctrl-C: ask running trainings to stop (SIGINT: the trainer keeps its last checkpoint),
         then SIGTERM, then SIGKILL, 5 s apart (checkpoints are written atomically)."""
         with self.lock:
             self.stopping = True
             procs = list(self.procs.values())
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):   # a background job may ignore SIGINT
+        for sig in signals:                       # a background job may ignore SIGINT
             for p in procs:
                 if p.poll() is None:
-                    p.send_signal(sig)
+                    with contextlib.suppress(OSError):
+                        p.send_signal(sig)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.05)
             if all(p.poll() is not None for p in procs):
                 break
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep directory: checked, locked, its history
+
+class OutDirError(Exception):
+    """--out cannot be used (not a directory, not writable, in use): the message says why."""
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create DIR, DIR/runs and DIR/logs and check each can be written, before anything runs;
+    OutDirError naming the path and the reason otherwise."""
+    for d in (out, out / "runs", out / "logs"):
+        if d.exists() and not d.is_dir():
+            where = "" if d == out else f": {d}"
+            raise OutDirError(f"--out {out} is invalid{where}: it exists and is not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutDirError(f"--out {out} is not a writable directory: cannot create "
+                              f"{e.filename or d}: {e.strerror or e}") from None
+        try:
+            with tempfile.TemporaryFile(dir=d, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise OutDirError(f"--out {out} is not a writable directory: cannot write in {d}: "
+                              f"{e.strerror or e}") from None
+
+
+LOCK_WAIT_S = 1.0    # a sweep killed a moment ago: its trainings may still be dying, holding the lock
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path, wait_s: float | None = None):
+    """Hold an exclusive flock on the directory DIR; -> the locked file descriptor (None where the
+    file system has no locks). OutDirError if another sweep (or a training of one) holds it."""
+    try:
+        import fcntl
+    except ImportError:                   # not POSIX: no lock
+        yield None
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)        # no locks on this file system (e.g. ENOLCK): go on without
+                    fd = None
+                    break
+                if time.monotonic() >= deadline:
+                    raise OutDirError(f"--out {out} is in use: another sweep is writing to it (the "
+                                      "sweep or one of its trainings still runs); wait for it to "
+                                      "finish or use another --out") from None
+                time.sleep(0.05)
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+INVOCATION_KEYS = ("command", "preset", "grid", "seeds", "set", "workers", "runs")
+
+
+def read_history(out: Path) -> list[dict]:
+    """Every earlier invocation recorded in DIR/sweep.json, oldest first ([] if there is none).
+    A sweep.json written before the history was kept is its only (last) invocation."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return []
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        history = info.get("invocations")
+        if history is None:
+            history = [{k: info[k] for k in INVOCATION_KEYS if k in info}]
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("'invocations' is not a list of objects")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); it records the earlier invocations of this "
+                         "sweep: repair or remove it, or use another --out") from None
+    return history
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path with text: a temporary file in the same directory, then renamed over (a failed
+    write leaves the old file whole and no temporary file); OSError names `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def earlier_runs(out: Path, runs: list[Run], history: list[dict]) -> list[tuple[Run, config_mod.RunConfig]]:
+    """The finished runs in DIR/runs (a summary.json) that this invocation does not plan, with
+    their config (from config.json): those of earlier invocations in the order they planned them
+    (with their grid values as typed), then any other run directory by name. ValueError if one
+    has no readable config.json (its settings, hence its row, are unknown)."""
+    planned = {r.name for r in runs}
+    known: dict[str, Run] = {}
+    for inv in history:
+        try:
+            inv_runs = plan_runs(dict(inv.get("grid") or {}), [int(x) for x in inv.get("seeds") or []],
+                                 dict(inv.get("set") or {}))
+        except (TypeError, ValueError, AttributeError):
+            continue                    # a hand-edited record: its runs are found by directory
+        for r in inv_runs:
+            known.setdefault(r.name, r)
+    runs_dir = out / "runs"
+    finished = {d.name for d in runs_dir.iterdir() if (d / "summary.json").is_file()} \
+        if runs_dir.is_dir() else set()
+    names = [n for n in known if n in finished and n not in planned]
+    names += sorted(finished - planned - set(known))
+    found = []
+    for name in names:
+        path = runs_dir / name / "config.json"
+        try:
+            cfg = config_mod.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} cannot be read ({e}): results.csv lists every finished run in "
+                             f"{runs_dir} with its settings, which come from its config.json; "
+                             f"remove {runs_dir / name} or use another --out") from None
+        found.append((known.get(name) or Run(name, {}, cfg.train.seed, {}), cfg))
+    return found
 
 
 def error_message(stderr_path: Path) -> str:
@@ -336,14 +561,83 @@ def make_row(run: Run, record: dict | None, summary: dict | None) -> dict:
     return row
 
 
+def _field_default(dotted: str):
+    sec, name = dotted.split(".")
+    return next(f.default for f in dataclasses.fields(config_mod.SECTIONS[sec]) if f.name == name)
+
+
+def config_text(cfg: config_mod.RunConfig, key: str, spellings=()) -> str:
+    """The value of config field `key` (flat or dotted) in cfg as text: the first of `spellings`
+    (values typed in a grid) that means the same value, else a canonical spelling."""
+    dotted = config_mod.all_keys()[key][0]
+    sec, name = dotted.split(".")
+    value = getattr(getattr(cfg, sec), name)
+    for text in spellings:
+        try:
+            if config_mod.parse_value(dotted, text, _field_default(dotted)) == value:
+                return text
+        except ValueError:
+            pass
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def result_keys(grid: dict[str, list[str]], history: list[dict], names: set[str],
+                cfgs: list[config_mod.RunConfig]) -> tuple[dict[str, list[str]], list[str]]:
+    """-> (the union of the grid keys of this invocation and of every earlier one that planned a
+    run among `names` (the rows), each key with the values typed for it; the other config fields
+    whose value differs between the runs of `cfgs`). For a single invocation: (its grid, []).
+    Seeds are the `seed` column."""
+    keys = config_mod.all_keys()
+    union = {k: list(v) for k, v in grid.items()}
+    for inv in history:
+        planned = inv.get("runs")
+        if not isinstance(planned, list) or not names.intersection(map(str, planned)):
+            continue
+        g = inv.get("grid")
+        for k, vals in (g.items() if isinstance(g, dict) else ()):
+            if k in keys and isinstance(vals, list):
+                spelled = union.setdefault(k, [])
+                spelled.extend(str(v) for v in vals if str(v) not in spelled)
+    covered = {d for k in union for d in keys[k]} | {"train.seed"}
+    dicts = [config_mod.to_dict(c) for c in cfgs]
+    if all(d["data"]["seed"] == d["train"]["seed"] for d in dicts):
+        covered.add("data.seed")
+    extras = []
+    for sec in config_mod.SECTIONS:
+        for name in (dicts[0][sec] if dicts else ()):
+            dotted = f"{sec}.{name}"
+            if dotted in covered or (sec == "model" and name in config_mod.DERIVED_MODEL_FIELDS):
+                continue
+            if len({json.dumps(d[sec][name]) for d in dicts}) > 1:
+                extras.append(name if keys.get(name) == [dotted] else dotted)
+    return union, extras
+
+
+def read_record(out: Path, name: str) -> dict:
+    """A finished run's record from logs/<name>.json (status ok, no wall time if it is missing)."""
+    try:
+        return json.loads((out / "logs" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "ok", "wall_s": math.nan, "error": ""}
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Replace path atomically (temporary file + rename): a failed write (disk full) leaves the
+    previous file whole and no temporary file; the OSError then names `path`."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k, "") for k in columns})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: row.get(k, "") for k in columns})
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -496,66 +790,110 @@ def _progress_line(i: int, total: int, run: Run, row: dict, note: str) -> str:
     return f"[{i}/{total}] {label} {note}{wall}{metric}"
 
 
-def run_all(runs: list[Run], out: Path, preset: str, workers: int, say) -> tuple[dict, bool]:
-    """Skip finished runs, train the others `workers` at a time; -> ({name: record}, interrupted)."""
+def run_all(runs: list[Run], out: Path, preset: str, workers: int, say,
+            pass_fds: tuple[int, ...] = ()) -> tuple[dict, bool]:
+    """Skip finished runs, train the others `workers` at a time; -> ({name: record}, interrupted).
+    An interrupt (Ctrl-C, SIGTERM) at any point stops every running training before returning."""
     total, done = len(runs), 0
     records: dict[str, dict] = {}
     todo = []
     for run in runs:                      # finished runs first: they are skipped
         run_dir = out / "runs" / run.name
         if (run_dir / "summary.json").is_file():
-            try:
-                records[run.name] = json.loads((out / "logs" / f"{run.name}.json").read_text())
-            except (OSError, ValueError):
-                records[run.name] = {"status": "ok", "wall_s": math.nan, "error": ""}
+            records[run.name] = read_record(out, run.name)
             done += 1
             row = make_row(run, records[run.name], read_summary(run_dir))
             say(_progress_line(done, total, run, row, "skipped (done)"))
         else:
             todo.append(run)
 
-    runner = Runner(out, preset)
+    runner = Runner(out, preset, pass_fds)
     interrupted = False
     old_term = None
     if threading.current_thread() is threading.main_thread():   # SIGTERM stops the sweep like Ctrl-C
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures: dict = {}
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(runner.run, run): run for run in todo}
+        try:
+            for run in todo:
+                futures[pool.submit(runner.run, run)] = run
+            for fut in as_completed(futures):
+                run = futures[fut]
+                records[run.name] = fut.result()
+                done += 1
+                row = make_row(run, records[run.name], read_summary(out / "runs" / run.name))
+                say(_progress_line(done, total, run, row, "ok"))
+        except KeyboardInterrupt:
+            interrupted = True
+            pool.shutdown(wait=False, cancel_futures=True)      # nothing new starts
             try:
-                for fut in as_completed(futures):
-                    run = futures[fut]
-                    records[run.name] = fut.result()
-                    done += 1
-                    row = make_row(run, records[run.name], read_summary(out / "runs" / run.name))
-                    say(_progress_line(done, total, run, row, "ok"))
+                runner.stop()
+            except KeyboardInterrupt:                           # pressed again: no more waiting
+                runner.stop(signals=(signal.SIGKILL,))
+        except BaseException:                                   # a bug: no training outlives it
+            pool.shutdown(wait=False, cancel_futures=True)
+            runner.stop()
+            raise
+        while True:            # the pool threads only wait for trainings that were stopped above
+            try:
+                pool.shutdown(wait=True)
+                break
             except KeyboardInterrupt:
                 interrupted = True
-                for f in futures:
-                    f.cancel()
-                runner.stop()
-        for fut, run in futures.items():          # runs stopped by the interrupt
-            if run.name not in records and fut.done() and not fut.cancelled():
-                records[run.name] = fut.result()
-    except KeyboardInterrupt:
-        interrupted = True
-        runner.stop()
+                runner.stop(signals=(signal.SIGKILL,))
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    for fut, run in futures.items():          # runs stopped by the interrupt
+        if run.name not in records and fut.done() and not fut.cancelled():
+            records[run.name] = fut.result()
+    if interrupted:        # a training that got the terminal's SIGINT before the sweep noticed it
+        for rec in records.values():
+            if rec.get("status") == "failed" and rec.get("returncode") in (130, -signal.SIGINT):
+                rec["status"] = "interrupted"
     return records, interrupted
 
 
-def write_results(out: Path, runs: list[Run], grid: dict, records: dict) -> tuple[list[dict], list | None]:
-    """results.csv, summary.csv and the figures; -> (rows, figure paths or None)."""
-    rows = [make_row(r, records.get(r.name), read_summary(out / "runs" / r.name)) for r in runs]
-    columns = result_columns(list(grid), rows)
-    metrics = [c for c in columns[len(ROW_FIELDS) + len(grid) + 1:]     # wall_s and the summary
+def write_results(out: Path, entries: list[tuple[Run, config_mod.RunConfig]], union: dict[str, list[str]],
+                  extras: list[str], records: dict) -> tuple[list[dict], list | None]:
+    """results.csv, summary.csv and the figures over `entries` (this invocation's runs, then the
+    finished runs of earlier ones); -> (rows, figure paths or None). OSError names the file."""
+    rows = []
+    for run, cfg in entries:
+        values = {k: run.grid[k] if k in run.grid else config_text(cfg, k, union[k]) for k in union}
+        values.update({c: config_text(cfg, c) for c in extras})
+        record = records.get(run.name)
+        if record is None and (out / "runs" / run.name / "summary.json").is_file():
+            record = read_record(out, run.name)
+        rows.append(make_row(dataclasses.replace(run, grid=values), record,
+                             read_summary(out / "runs" / run.name)))
+    keys = [*union, *extras]
+    columns = result_columns(keys, rows)
+    metrics = [c for c in columns[len(ROW_FIELDS) + len(keys) + 1:]     # wall_s and the summary
                if all(_to_float(r.get(c)) is not None for r in rows)]
-    summary = aggregate(rows, list(grid), metrics)
+    summary = aggregate(rows, keys, metrics)
     write_csv(out / "results.csv", rows, columns)
     write_csv(out / "summary.csv", summary, list(summary[0]) if summary else [])
-    return rows, plot_figures(rows, grid, out / "figures")
+    plot_grid = {}                       # every value of each key, those typed in a grid first
+    for k in keys:
+        present = [str(r[k]) for r in rows]
+        plot_grid[k] = [v for v in union.get(k, []) if v in present]
+        plot_grid[k] += [v for v in dict.fromkeys(present) if v not in plot_grid[k]]
+    try:
+        figures = plot_figures(rows, plot_grid, out / "figures")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), e.filename or str(out / "figures")) from None
+    return rows, figures
+
+
+def _error(parser, message: str, usage: bool = True) -> None:
+    if usage:
+        parser.print_usage(sys.stderr)
+    print(f"minispatial sweep: error: {message}", file=sys.stderr)
+
+
+INTERRUPTED = "minispatial sweep: interrupted; run the same command again to resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,44 +903,82 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse printed the message (or the help)
         return e.code if isinstance(e.code, int) else 2
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:                                  # everything is validated before anything runs
-        if args.workers < 1:
-            raise ValueError(f"--workers {args.workers} is invalid: must be >= 1")
-        seeds = parse_seeds(args.seeds)
-        grid = parse_grid(args.grid)
-        sets = parse_sets(args.sets)
-        check_no_overlap(grid, sets)
-        runs = plan_runs(grid, seeds, sets)
-        cfgs = validate(runs, args.preset)
-        out = Path(args.out).resolve()
+    try:
+        try:                              # everything is validated before anything runs
+            if args.workers < 1:
+                raise ValueError(f"--workers {args.workers} is invalid: must be >= 1")
+            seeds = parse_seeds(args.seeds)
+            grid = parse_grid(args.grid)
+            sets = parse_sets(args.sets)
+            check_no_overlap(grid, sets)
+            runs = plan_runs(grid, seeds, sets)
+            cfgs = validate(runs, args.preset)
+            try:
+                out = Path(args.out).resolve()
+            except (OSError, RuntimeError) as e:          # a symlink loop
+                raise OutDirError(f"--out {args.out} is invalid: {e}") from None
+            prepare_out_dir(out)
+        except (ValueError, OutDirError) as e:
+            _error(parser, str(e))
+            return 2
+        try:
+            with out_dir_lock(out) as lock_fd:
+                return _sweep(args, argv, parser, out, grid, seeds, sets, runs, cfgs,
+                              () if lock_fd is None else (lock_fd,))
+        except OutDirError as e:
+            _error(parser, str(e))
+            return 2
+    except KeyboardInterrupt:             # before or after the trainings (during them: run_all)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 130
+
+
+def _sweep(args, argv, parser, out, grid, seeds, sets, runs, cfgs, pass_fds) -> int:
+    """main, from the moment DIR is locked."""
+    try:
         check_existing(runs, cfgs, out / "runs")
+        history = read_history(out)
+        earlier = earlier_runs(out, runs, history)
     except ValueError as e:
-        parser.print_usage(sys.stderr)
-        print(f"minispatial sweep: error: {e}", file=sys.stderr)
+        _error(parser, str(e))
         return 2
-
-    for sub in ("runs", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({
-        "command": ["minispatial", "sweep", *argv], "preset": args.preset, "grid": grid,
-        "seeds": seeds, "set": sets, "workers": args.workers, "runs": [r.name for r in runs],
-    }, indent=2) + "\n")
+    this = {"command": ["minispatial", "sweep", *argv], "preset": args.preset, "grid": grid,
+            "seeds": seeds, "set": sets, "workers": args.workers, "runs": [r.name for r in runs]}
+    started = {**this, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        write_atomic(out / "sweep.json",
+                     json.dumps({**this, "invocations": [*history, started]}, indent=2) + "\n")
+    except OSError as e:
+        _error(parser, f"cannot write {e.filename}: {e.strerror}")
+        return 2
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    records, interrupted = run_all(runs, out, args.preset, args.workers, say)
-    rows, figures = write_results(out, runs, grid, records)
+    records, interrupted = run_all(runs, out, args.preset, args.workers, say, pass_fds)
+    entries = [(r, cfgs[r.name]) for r in runs] + earlier
+    union, extras = result_keys(grid, history, {r.name for r, _ in entries}, [c for _, c in entries])
+    try:
+        rows, figures = write_results(out, entries, union, extras, records)
+    except OSError as e:
+        _error(parser, f"cannot write {e.filename}: {e.strerror} (any previous version of it is "
+                       "left whole; run the same command again to retry: finished runs are skipped)",
+               usage=False)
+        return 130 if interrupted else 1
 
+    rows = rows[:len(runs)]                  # this invocation's runs; then the earlier ones
     n_ok = sum(r["status"] == "ok" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]
+    n_int = sum(r["status"] == "interrupted" for r in rows)
     for r in failed:
         print(f"minispatial sweep: run {r['run']} failed: {r['error']} "
               f"(log: {out / 'logs' / (r['run'] + '.err')})", file=sys.stderr)
     if figures is None:
         print("matplotlib is not installed: no figures (pip install 'minispatial[plot]')")
     fig_note = f", {len(figures)} figures in {out / 'figures'}" if figures else ""
-    print(f"sweep: {n_ok} ok, {len(failed)} failed, {len(rows) - n_ok - len(failed)} not run "
-          f"-> {out / 'results.csv'}, {out / 'summary.csv'}{fig_note}")
+    int_note = f", {n_int} interrupted" if n_int else ""
+    kept = f"; {len(earlier)} finished runs of earlier invocations kept" if earlier else ""
+    print(f"sweep: {n_ok} ok, {len(failed)} failed{int_note}, {len(rows) - n_ok - len(failed) - n_int} "
+          f"not run -> {out / 'results.csv'}, {out / 'summary.csv'}{fig_note}{kept}")
     if interrupted:
-        print("minispatial sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     return 1 if failed else 0
 

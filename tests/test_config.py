@@ -170,3 +170,49 @@ def test_cli_config_file_errors(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path / "r"), "--config", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"data.seed": "5", "seed": "3"}, {"seed": "3", "data.seed": "5"},
+                                       {"seed": 3, "data.seed": 5}])
+def test_a_dotted_name_wins_over_seed_in_either_order(overrides):
+    cfg = make_config(overrides)
+    assert (cfg.data.seed, cfg.train.seed) == (5, 3)
+    for pairs in ([("train.seed", "9"), ("seed", "2")], [("seed", "2"), ("train.seed", "9")]):
+        cfg = make_config(dict(pairs))
+        assert (cfg.data.seed, cfg.train.seed) == (2, 9)
+
+
+def test_a_dotted_name_wins_on_the_command_line(tmp_path):
+    for i, order in enumerate((["--data.seed", "5", "--seed", "3"], ["--seed", "3", "--data.seed", "5"])):
+        out = tmp_path / f"run{i}"
+        assert train_main(["--out", str(out), "--preset", "tiny", *order, "--stop-after", "1", "--quiet"]) == 0
+        cfg = from_dict(json.loads((out / "config.json").read_text()))
+        assert (cfg.data.seed, cfg.train.seed) == (5, 3)
+
+
+@pytest.mark.parametrize("bs", ["1", "0"])
+def test_batch_size_below_two_is_refused_with_the_reason(bs):
+    # a batch of one image has no negative: the contrastive loss is 0 and nothing is learned
+    with pytest.raises(ValueError, match=r"batch_size=.*>= 2.*(negative|other)"):
+        make_config({"batch_size": bs})
+    assert make_config({"batch_size": "2"}).train.batch_size == 2
+
+
+@pytest.mark.parametrize("content, named", [
+    ("[1, 2]", "list"), ("7", "int"), ('"text"', "str"), ("null", "null"), ("{oops", "JSON"),
+])
+def test_cli_config_file_must_be_a_json_object(tmp_path, capsys, content, named):
+    f = tmp_path / "cfg.json"
+    f.write_text(content)
+    assert train_main(["--out", str(tmp_path / "r"), "--config", str(f), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "minispatial train: error:" in err and str(f) in err and named in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("base", [[1, 2], 7, "x"])
+def test_make_config_refuses_a_base_that_is_not_a_dict(base):
+    with pytest.raises(ValueError, match="JSON object"):
+        make_config(base=base)
+    with pytest.raises(ValueError, match="JSON object"):
+        from_dict(base)

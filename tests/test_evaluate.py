@@ -361,3 +361,52 @@ def test_main_on_a_real_checkpoint(tmp_path, capsys):
     for k, v in got.items():   # the same numbers as the trainer's summary (NaN -> null)
         want = summary[k]
         assert (v is None and math.isnan(want)) or v == pytest.approx(want, rel=1e-12), k
+
+
+def _tampered_copy(src, dst, **changes):
+    """dst: the checkpoint src with arrays replaced (a value) or removed (None)."""
+    with np.load(src) as z:
+        data = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k)
+        else:
+            data[k] = v
+    np.savez(dst, **data)
+    return dst
+
+
+@pytest.fixture
+def ev_small_run(tmp_path):
+    from minispatial.train import train
+
+    cfg = make_config({"steps": 2, "n_labels": 8, "n_heldout": 3, "n_pair": 5, "image_len": 6,
+                       "n_single_layout": 3, "n_layout": 5}, preset="tiny")
+    train(cfg, tmp_path / "run", verbose=False)
+    return tmp_path / "run" / "checkpoint.npz"
+
+
+@pytest.mark.parametrize("tensor, value", [("param/vision.W_pos", np.nan), ("param/logit_scale", np.inf),
+                                           ("adam_v/text.W_E", np.nan)])
+def test_main_refuses_a_non_finite_checkpoint(tmp_path, capsys, ev_small_run, tensor, value):
+    # a NaN model scored lr_acc 0.500 with exit 0 (every cosine NaN: every comparison a tie)
+    with np.load(ev_small_run) as z:
+        bad = z[tensor].copy()
+    bad.reshape(-1)[0] = value
+    path = _tampered_copy(ev_small_run, tmp_path / "nan.npz", **{tensor: bad})
+    assert ev.main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert err.startswith("minispatial eval: error:") and tensor in err and str(path) in err
+    assert "nan" in err or "inf" in err
+
+
+def test_main_random_bytes_get_our_message(tmp_path, capsys):
+    # NumPy's own advice ("load it unsafely using allow_pickle") is not for our users
+    path = tmp_path / "random.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    assert ev.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a minispatial checkpoint" in err and str(path) in err
+    assert "pickle" not in err

@@ -201,3 +201,71 @@ def test_failed_run_is_recorded_and_retried(tmp_path, capsys):
     assert sweep.main(args) == 1
     record = json.loads((out / "logs" / "lr=1e30__seed=0.json").read_text())
     assert "--overwrite" in record["command"] and record["status"] == "failed"
+
+
+def _rows_by_run(path):
+    return {r["run"]: r for r in read_rows(path)}
+
+
+def test_rerun_with_a_narrower_grid_keeps_every_finished_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)             # no figures: faster
+    out = tmp_path / "sw"
+    assert sweep.main(["--grid", "n_pair=5,7", "--seeds", "0-1", *FAST, "--workers", "2",
+                       "--out", str(out)]) == 0
+    first = _rows_by_run(out / "results.csv")
+    first_summary = read_rows(out / "summary.csv")
+    assert len(first) == 4 and len(first_summary) == 2
+
+    # the same directory, only n_pair=5: nothing runs, the n_pair=7 rows stay, values unchanged
+    assert sweep.main(["--grid", "n_pair=5", "--seeds", "0-1", *FAST, "--out", str(out)]) == 0
+    rows = read_rows(out / "results.csv")
+    assert [r["run"] for r in rows] == ["n_pair=5__seed=0", "n_pair=5__seed=1",
+                                        "n_pair=7__seed=0", "n_pair=7__seed=1"]
+    assert {r["run"]: r for r in rows} == first                 # every value, wall_s included
+    assert read_rows(out / "summary.csv") == first_summary
+    info = json.loads((out / "sweep.json").read_text())
+    assert info["grid"] == {"n_pair": ["5"]}                   # the last invocation, as before
+    assert [inv["grid"] for inv in info["invocations"]] == [{"n_pair": ["5", "7"]}, {"n_pair": ["5"]}]
+
+    # another grid key and another fixed setting: columns of the union, filled from config.json
+    assert sweep.main(["--grid", "lr=1e-3,3e-4", "--seeds", "0", "--preset", "tiny",
+                       "--set", "steps=4", "--workers", "2", "--quiet", "--out", str(out)]) == 0
+    rows = read_rows(out / "results.csv")
+    cols = list(rows[0])
+    assert cols[:8] == ["run", "status", "error", "lr", "n_pair", "steps", "seed", "wall_s"]
+    by = {r["run"]: r for r in rows}
+    assert [r["run"] for r in rows][:2] == ["lr=1e-3__seed=0", "lr=3e-4__seed=0"]
+    assert (by["lr=3e-4__seed=0"]["n_pair"], by["lr=3e-4__seed=0"]["steps"]) == ("15", "4")
+    old = by["n_pair=7__seed=1"]
+    assert (old["lr"], old["n_pair"], old["steps"]) == ("1e-3", "7", "3")   # spelled as in the grid
+    assert {k: v for k, v in old.items() if k not in ("lr", "steps")} == first["n_pair=7__seed=1"]
+    groups = [(s["lr"], s["n_pair"], s["steps"], s["n_runs"]) for s in read_rows(out / "summary.csv")]
+    assert groups == [("1e-3", "15", "4", "1"), ("3e-4", "15", "4", "1"),
+                      ("1e-3", "5", "3", "2"), ("1e-3", "7", "3", "2")]
+    assert len(json.loads((out / "sweep.json").read_text())["invocations"]) == 3
+
+
+def test_finished_run_with_unreadable_config_is_refused(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sw"
+    stray = out / "runs" / "n_pair=9__seed=0"
+    stray.mkdir(parents=True)
+    (stray / "summary.json").write_text('{"step": 3}\n')
+    (stray / "config.json").write_text("{not json")
+    monkeypatch.setattr(sweep.subprocess, "Popen", None)        # any launch would crash
+    assert sweep.main(["--grid", "n_pair=5", *FAST, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "minispatial sweep: error:" in err and str(stray / "config.json") in err
+    assert "results.csv" in err                                 # says why it matters
+
+
+def test_old_sweep_json_without_history_is_kept_as_the_first_invocation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "sw"
+    assert sweep.main(["--grid", "n_pair=5", *FAST, "--out", str(out)]) == 0
+    info = json.loads((out / "sweep.json").read_text())
+    old = {k: v for k, v in info.items() if k != "invocations"}          # as written before
+    (out / "sweep.json").write_text(json.dumps(old))
+    assert sweep.main(["--grid", "n_pair=6", *FAST, "--out", str(out)]) == 0
+    invs = json.loads((out / "sweep.json").read_text())["invocations"]
+    assert [i["grid"] for i in invs] == [{"n_pair": ["5"]}, {"n_pair": ["6"]}]
+    assert [r["run"] for r in read_rows(out / "results.csv")] == ["n_pair=6__seed=0", "n_pair=5__seed=0"]

@@ -3,6 +3,7 @@ files of a run directory, the command line's errors, NaN handling and checkpoint
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -295,7 +296,7 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
         load_checkpoint(tmp_path / "nope.npz")
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path)                       # a directory without checkpoint.npz
-    assert main(["--resume", str(tmp_path), "--quiet"]) == 1
+    assert main(["--resume", str(tmp_path), "--quiet"]) == 2       # a bad argument
     assert "checkpoint.npz" in capsys.readouterr().err
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a valid minispatial checkpoint"):
@@ -321,6 +322,7 @@ def test_save_is_atomic_and_leaves_no_tmp_files(tmp_path, monkeypatch):
     good = path.read_bytes()
     assert no_tmp_files(tmp_path)
     _, params, opt, _ = load_checkpoint(path)
+    opt["t"] = 5                                                   # (t counts the steps: load checks it)
     save_checkpoint(path, cfg, params, opt, 5)                    # a successful save replaces it
     assert load_checkpoint(path)[3] == 5 and no_tmp_files(tmp_path)
 
@@ -347,3 +349,211 @@ def test_keep_freed_memory_is_harmless():
     assert isinstance(got, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert got
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint validation: everything a checkpoint holds is checked before any of it is used
+
+def tamper(path, **changes):
+    """Rewrite the checkpoint at `path` with arrays replaced (a value) or removed (None)."""
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k)
+        else:
+            data[k] = v(data) if callable(v) else v
+    with open(path, "wb") as f:
+        np.savez(f, **data)
+
+
+def _bad_value(key, value):
+    def f(data):
+        a = data[key].copy()
+        a.reshape(-1)[-1] = value
+        return a
+    return f
+
+
+W = "text.W_E"                   # a 2-D parameter of every model
+TAMPERED = {
+    # the bug report: moments of the wrong shape were copied into an uninitialised buffer
+    "adam_m shape": ({f"adam_m/{W}": np.zeros((3, 3), np.float32)}, f"adam_m/{W}"),
+    "adam_v shape": ({f"adam_v/{W}": lambda d: d[f"adam_v/{W}"][:-1]}, f"adam_v/{W}"),
+    "adam_v dtype": ({f"adam_v/{W}": lambda d: d[f"adam_v/{W}"].astype(np.float64)}, f"adam_v/{W}"),
+    "adam_m missing": ({"adam_m/logit_scale": None}, "adam_m/logit_scale"),
+    "extra moment": ({"adam_v/extra": np.zeros(3, np.float32)}, "adam_v/extra"),
+    "extra key": ({"notes": np.zeros(1)}, "notes"),
+    "param nan": ({f"param/{W}": _bad_value(f"param/{W}", np.nan)}, f"param/{W}"),
+    "adam_m inf": ({f"adam_m/{W}": _bad_value(f"adam_m/{W}", -np.inf)}, f"adam_m/{W}"),
+    "adam_v negative": ({f"adam_v/{W}": _bad_value(f"adam_v/{W}", -1.0)}, f"adam_v/{W}"),
+    "step beyond steps": ({"meta/step": np.array(31), "meta/t": np.array(31)}, "meta/step"),
+    "step negative": ({"meta/step": np.array(-1), "meta/t": np.array(-1)}, "meta/step"),
+    "step float": ({"meta/step": np.array(5.5)}, "meta/step"),
+    "step vector": ({"meta/step": np.array([5, 5])}, "meta/step"),
+    "t negative": ({"meta/t": np.array(-3)}, "meta/t"),
+    "t not the step": ({"meta/t": np.array(4)}, "meta/t"),
+    "format": ({"meta/format": np.array(2)}, "format"),
+    "format missing": ({"meta/format": None}, "meta/format"),
+    "config a list": ({"meta/config": np.array("[1, 2]")}, "meta/config"),
+    "config not JSON": ({"meta/config": np.array("{oops")}, "meta/config"),
+    "config bad field": ({"meta/config": np.array('{"train": {"steps": -4}}')}, "steps"),
+}
+
+
+@pytest.fixture
+def train_ckpt(tmp_path):
+    """A run of 30 steps stopped (with its checkpoint) after step 5."""
+    out = tmp_path / "run"
+    train.train(small_cfg(), out, stop_after=5, verbose=False)
+    return out
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_every_part_of_a_checkpoint_is_validated(train_ckpt, capsys, case):
+    changes, named = TAMPERED[case]
+    path = train_ckpt / CHECKPOINT
+    tamper(path, **changes)
+    with pytest.raises(ValueError, match="not a valid minispatial checkpoint") as e:
+        load_checkpoint(path)
+    assert named in str(e.value) and str(path) in str(e.value)
+    before = {p.name: p.read_bytes() for p in train_ckpt.iterdir()}
+    assert main(["--resume", str(train_ckpt), "--quiet"]) == 2          # a bad input file
+    err = capsys.readouterr().err
+    assert err.count("\n") <= 2 and "minispatial train: error:" in err and named in err
+    assert {p.name: p.read_bytes() for p in train_ckpt.iterdir()} == before   # nothing touched
+
+
+def test_an_untampered_rewrite_still_loads(train_ckpt):
+    tamper(train_ckpt / CHECKPOINT)
+    cfg, params, opt, step = load_checkpoint(train_ckpt)
+    assert step == 5 and opt["t"] == 5 and set(opt["m"]) == set(params) == set(opt["v"])
+
+
+def test_random_bytes_are_not_a_checkpoint(train_ckpt, capsys):
+    path = train_ckpt / CHECKPOINT
+    path.write_bytes(np.random.default_rng(1).bytes(20000))
+    with pytest.raises(ValueError, match="not a minispatial checkpoint") as e:
+        load_checkpoint(path)
+    assert "pickle" not in str(e.value)
+    assert main(["--resume", str(train_ckpt), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a minispatial checkpoint" in err and "pickle" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# command-line combinations that cannot work
+
+@pytest.mark.parametrize("k", ["-1", "0"])
+def test_stop_after_must_be_positive(tmp_path, capsys, k):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--preset", "tiny", "--stop-after", k, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--stop-after" in err and k in err and ">= 1" in err
+    assert not out.exists()
+
+
+def test_resume_with_out_is_refused(train_ckpt, tmp_path, capsys):
+    other = tmp_path / "other"
+    before = {p.name: p.read_bytes() for p in train_ckpt.iterdir()}
+    assert main(["--resume", str(train_ckpt), "--out", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--out" in err and "in place" in err
+    assert not other.exists()
+    assert {p.name: p.read_bytes() for p in train_ckpt.iterdir()} == before
+
+
+def test_effective_batch_below_two_is_refused_before_training(tmp_path, monkeypatch):
+    # every valid testbed has >= 2 distinct training scenes; a one-scene train split is forced here
+    from minispatial.data import Split
+
+    real = train.make_testbed
+
+    def one_scene(cfg):
+        tb = real(cfg)
+        s = tb.splits["train"]
+        one = Split.build([[1, 0]] * 3, [[0, -1], [1, -1], [2, -1]], [0, 0, 0], s.image_len, s.tokenizer)
+        tb.splits["train"] = one
+        return tb
+
+    monkeypatch.setattr(train, "make_testbed", one_scene)
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainingError, match=r"batch.* 1 .*batch_size = 32"):
+        train.train(small_cfg(), out, verbose=False)
+    assert not (out / CHECKPOINT).exists() and not (out / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl on resume: a torn tail is dropped, a corrupt line is named
+
+def test_resume_tolerates_a_torn_metrics_tail(tmp_path):
+    cfg = small_cfg(log_every=5, checkpoint_every=10)
+    clean, out = tmp_path / "clean", tmp_path / "run"
+    train.train(cfg, clean, verbose=False)
+    for tail in ('{"step": 15, "loss": 2.7', "\n\n", '{"step": 15, "loss": 2.7}\n{"step": 2', "\x00\x00\x00",
+                 "  \n"):
+        shutil.rmtree(out, ignore_errors=True)
+        train.train(cfg, out, stop_after=10, verbose=False)
+        with open(out / "metrics.jsonl", "a") as f:          # what a crash or a full disk leaves
+            f.write(tail)
+        train.train(None, out, resume=True, verbose=False)
+        assert without_timing(metrics(out)) == without_timing(metrics(clean)), repr(tail)
+        assert_same_checkpoint(out / CHECKPOINT, clean / CHECKPOINT)
+
+
+@pytest.mark.parametrize("bad", ['{"step": "x"}', "[1, 2]", "garbage", '{"loss": 1.0}', '{"step": 2.5}',
+                                 '{"step": true}', "7"])
+def test_a_corrupt_metrics_line_is_named(train_ckpt, capsys, bad):
+    mpath = train_ckpt / "metrics.jsonl"
+    lines = ['{"step": 2}', bad, '{"step": 4}']
+    mpath.write_text("\n".join(lines) + "\n")
+    before = {p.name: p.read_bytes() for p in train_ckpt.iterdir()}
+    assert main(["--resume", str(train_ckpt), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "minispatial train: error:" in err and f"{mpath} line 2" in err
+    assert {p.name: p.read_bytes() for p in train_ckpt.iterdir()} == before
+
+
+# --------------------------------------------------------------------------------------------
+# a finished run, the run-directory lock, the progress line
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--preset", "tiny", *SMALL_ARGS, "--quiet"]) == 0
+    capsys.readouterr()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert main(["--resume", str(out), "--quiet"]) == 0
+    got = capsys.readouterr().out
+    assert "already complete" in got and "step 30" in got and "trained" not in got
+    assert "val_unseen_pair" in got                                    # its metrics, from summary.json
+    assert main(["--resume", str(out), "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "summary.json").read_text())
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_a_locked_run_directory_is_refused(train_ckpt, capsys):
+    import fcntl
+
+    with open(train_ckpt / train.LOCK_FILE, "w") as f:        # as a running trainer holds it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = {p.name: p.read_bytes() for p in train_ckpt.iterdir()}
+        for args in (["--resume", str(train_ckpt)], ["--out", str(train_ckpt), "--preset", "tiny", "--overwrite"]):
+            assert main([*args, "--quiet"]) == 1
+            err = capsys.readouterr().err
+            assert "another process is writing to" in err and str(train_ckpt) in err
+        assert {p.name: p.read_bytes() for p in train_ckpt.iterdir()} == before
+    assert main(["--resume", str(train_ckpt), "--quiet"]) == 0          # released: it goes on
+    assert not (train_ckpt / train.LOCK_FILE).exists()                 # and the lock file is gone
+
+
+def test_eta_starts_after_the_first_step(monkeypatch, capsys):
+    # the first step compiles the numba kernels (seconds); the ETA must not extrapolate it
+    now = [100.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    p = train.Progress(total=1000, verbose=True)
+    for step, took in enumerate([10.0, 0.1, 0.1, 0.1]):                # step 1 compiles
+        now[0] += took
+        p.update(step, 1.0, 100.0, force=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    eta = float(last.split("eta")[1].strip().rstrip("s"))
+    assert eta == pytest.approx(0.1 * 996, abs=1), last               # 0.1 s a step, 996 to go
