@@ -466,8 +466,9 @@ def test_check_output_helpers(tmp_path):
     assert not (tmp_path / "a").exists()                            # nothing was created
 
 
-@pytest.mark.parametrize("args", [["data", "--image_len", "12", "--show", "30000"],
-                                  ["gradcheck", "--quick", "--no-model", "--backend", "numpy"]])
+# (only a command that prints far more than a pipe buffer, 64 KB: a shorter output may be written
+# in full before the reader closes, and the command rightly exits 0)
+@pytest.mark.parametrize("args", [["data", "--image_len", "12", "--show", "30000"]])
 def test_output_into_a_closed_pipe_is_not_a_traceback(args):
     # `minispatial data ... | head -1`: the reader goes away; exit quietly as SIGPIPE would (141)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
