@@ -33,8 +33,8 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same few-hundred-KB to 1-MB NumPy temporaries every
     step. By default glibc serves blocks over its (dynamic) mmap threshold with fresh mmaps and
-    trims the heap after large frees, so each step pays page faults on fresh memory again: on this
-    project's VMs ~2 us per 4 KB page, 0.5 ms per 1 MB array (benchmarks/README.md). Fixing the
+    trims the heap after large frees, so each step pays page faults on fresh memory again (measured
+    ~2 us per 4 KB page, 0.5 ms per 1 MB array: benchmarks/README.md, "Under load"). Fixing the
     thresholds (mmap above 32 MB, trim above 256 MB) keeps them in the heap. No effect on any
     result; a no-op (returns False) where `mallopt` does not exist (macOS, musl)."""
     try:
@@ -50,20 +50,24 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("minispatial.data", "main", "build the 1D image-text testbed and print a summary"),
     "train": ("minispatial.train", "main", "train a dual encoder (presets: paper-left, paper-leftright)"),
     "eval": ("minispatial.evaluate", "main", "recompute every evaluation metric from a checkpoint"),
-    "sweep": ("minispatial.sweep", "main", "run a grid of trainings over seeds and collect results.csv"),
-    "analyze": ("minispatial.analysis", "main", "attention-logit decomposition, horizontal gradient, ablations"),
+    "sweep": ("minispatial.tools.sweep.cli", "main", "run a grid of trainings over seeds and collect results.csv"),
+    "analyze": ("minispatial.analysis.cli", "main", "attention-logit decomposition, horizontal gradient, ablations"),
     "gradcheck": ("minispatial.gradcheck", "main", "finite-difference check of every op and parameter"),
-    "bench": ("minispatial.bench", "main", "time a training step (both backends, optionally PyTorch)"),
+    "bench": ("minispatial.tools.bench", "main", "time a training step (both steps, optionally PyTorch)"),
 }
 
 
 def check_environment() -> None:
     """ValueError naming the variable, its value and what is allowed, for an invalid
-    MINISPATIAL_BACKEND or MINISPATIAL_MEMORY_LIMIT: checked before any command starts."""
-    from minispatial import ops
+    MINISPATIAL_MEMORY_LIMIT, or a MINISPATIAL_BACKEND (no longer read: the step is a flag):
+    checked before any command starts."""
+    from minispatial import memory
 
-    ops.backend_from_env()
-    ops.memory_limit_bytes()
+    if os.environ.get("MINISPATIAL_BACKEND"):
+        raise ValueError(f"MINISPATIAL_BACKEND={os.environ['MINISPATIAL_BACKEND']!r} is no longer read: "
+                         "choose the training step with --step fast (default) or --step reference; "
+                         "unset the variable")
+    memory.memory_limit_bytes()
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from minispatial.data import TestbedConfig
 from minispatial.model import ModelConfig
-from minispatial.text import TEXT_LEN
+from minispatial.text import FIRST_LABEL_ID, TEXT_LEN
 
 SCHEDULES = ("cosine", "constant")
 BATCH_WHY = (" (the contrastive loss scores each image against the other captions of its batch, "
@@ -86,7 +86,7 @@ class RunConfig:
 
 
 def derived_model_fields(data: TestbedConfig) -> dict:
-    return {"vision_vocab": data.n_labels + 1, "text_vocab": 10 + data.n_labels,
+    return {"vision_vocab": data.n_labels + 1, "text_vocab": FIRST_LABEL_ID + data.n_labels,
             "vision_ctx": data.image_len + 1, "text_ctx": TEXT_LEN}
 
 

@@ -1,4 +1,4 @@
-"""The 1D image-text testbed of PAPER.md §2: scenes, captions, the four splits and the batch sampler.
+"""The 1D image-text testbed of docs/paper.md §2: scenes, captions, the four splits and the batch sampler.
 
 An image is a row of `image_len` pixels: 0 is background, an object is one pixel whose value is its
 label (1..n_labels). A scene holds one object ("3 is in the image") or two objects at pixels i < j
@@ -11,7 +11,7 @@ How the random draws are laid out (so that sweeps are nested, see `make_testbed`
   2. one random permutation of the C(image_len,2) layouts per ordered label pair (all n_labels^2),
      the argsort of C uniform draws, pair (a, b) taking the ((a-1) n_labels + (b-1))-th block of
      C draws of the stream. Only the permutations of the pairs a split uses are computed, and of
-     each only the prefix and tail it uses (`_layout_draws`); the others are skipped over in the
+     each only the prefix and tail it uses (`layouts.layout_draws`); the others are skipped over in the
      stream, so memory does not grow with n_labels^2 x C(image_len, 2).
 Both depend only on (seed, n_labels, image_len). Training takes a prefix of each permutation and
 evaluation takes the tail, so for one seed changing n_pair, n_layout or n_single_layout grows or
@@ -33,7 +33,9 @@ from math import comb
 
 import numpy as np
 
-from minispatial.ops import check_memory
+from minispatial import layouts
+from minispatial.layouts import layout_draws, layout_positions
+from minispatial.memory import check_memory
 from minispatial.text import (
     TEXT_LEN,
     Tokenizer,
@@ -77,7 +79,7 @@ def _is_int(v: object) -> bool:
 
 @dataclass(frozen=True)
 class TestbedConfig:
-    """Everything that defines the testbed; the paper's values are the defaults (PAPER.md §2).
+    """Everything that defines the testbed; the paper's values are the defaults (docs/paper.md §2).
 
     Pair labels are labels 1..n_pair (not a random subset), so a sweep over n_pair is nested:
     the scenes of n_pair = 5 are a subset of those of n_pair = 10 for the same seed.
@@ -145,7 +147,7 @@ class TestbedConfig:
         self._check_memory()
 
     def _check_memory(self) -> None:
-        """Refuse a testbed that cannot fit in memory (ops.memory_limit_bytes), naming the size
+        """Refuse a testbed that cannot fit in memory (memory.memory_limit_bytes), naming the size
         fields above their defaults (all of them when none is), before anything is built."""
         grown = [f.name for f in dataclasses.fields(self)
                  if f.name in MEMORY_FIELDS and getattr(self, f.name) > f.default] or list(MEMORY_FIELDS)
@@ -209,7 +211,8 @@ def estimate_testbed_bytes(cfg: TestbedConfig) -> int:
     build = max(sizes.values()) * (8 * L + BUILD_BYTES)
     n_pairs = cfg.n_pair * (cfg.n_pair - 1) + sizes["val_unseen_pair"] // max(1, min(cfg.n_eval_layout, C))
     kept_draws = 8 * n_pairs * (cfg.n_layout + min(cfg.n_eval_layout, C))
-    row_draws = 16 * min(BLOCK_ELEMS, cfg.n_labels ** 2 * C) if C < ROW_WISE_MIN else 33 * C
+    row_draws = (16 * min(layouts.BLOCK_ELEMS, cfg.n_labels ** 2 * C) if C < layouts.ROW_WISE_MIN
+                 else 33 * C)
     positions = 16 * cfg.n_labels * L
     return int(splits + build + 2 * kept_draws + row_draws + positions + (2 << 20))
 
@@ -394,101 +397,14 @@ def _single_examples(perm: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np
     return labels, positions
 
 
-def _layout_positions(layouts: np.ndarray, image_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """layouts [...] (numbers in np.triu_indices(image_len, k=1) order) -> pixels i [...], j [...], i < j.
-
-    Decoded arithmetically (no [C] table): the layouts of left pixel i start at
-    start[i] = i (L - 1) - i (i - 1) / 2."""
-    L = image_len
-    start = np.concatenate([[0], np.cumsum(np.arange(L - 1, 0, -1))]).astype(np.int64)  # [L]
-    i = np.searchsorted(start, layouts, side="right") - 1
-    return i, layouts - start[i] + i + 1
-
-
 def _pair_examples(pairs: np.ndarray, layouts: np.ndarray, image_len: int) -> tuple[np.ndarray, np.ndarray]:
     """pairs [P, 2], layouts [P, k] (layout numbers of each pair) -> labels [N, 2], positions [N, 2]."""
     layouts = np.asarray(layouts, dtype=np.int64).reshape(len(pairs), -1)
     k = layouts.shape[1]
-    i, j = _layout_positions(layouts.reshape(-1), image_len)
+    i, j = layout_positions(layouts.reshape(-1), image_len)
     labels = np.repeat(pairs, k, axis=0)
     positions = np.stack([i, j], 1).astype(np.int64)
     return labels.reshape(-1, 2), positions.reshape(-1, 2)
-
-
-# Layout permutations of up to ROW_WISE_MIN - 1 layouts are drawn and argsorted in blocks of
-# consecutive label pairs of at most BLOCK_ELEMS draws (as fast as one argsort of everything);
-# longer ones one pair at a time, selecting only the used prefix and tail (`_head_and_tail`).
-# Both give exactly the permutation entries the materialised argsort gave (tested).
-BLOCK_ELEMS = 1 << 20
-ROW_WISE_MIN = 4096
-
-
-def _head_and_tail(row: np.ndarray, k_head: int, k_tail: int) -> tuple[np.ndarray, np.ndarray]:
-    """row [C] -> (argsort(row)[:k_head], argsort(row)[C - k_tail:]), without sorting the whole row.
-
-    argpartition picks the k_head smallest and k_tail largest values, each selection is sorted.
-    Distinct values have a single sorted order, so this equals argsort's; where a selected value
-    is tied (within the selection or with one left out), the order among equals is argsort's own
-    choice, and argsort of the whole row is taken instead."""
-    C = len(row)
-    if k_head + k_tail >= C:
-        full = np.argsort(row)
-        return full[:k_head], full[C - k_tail:]
-    if k_head == 0 and k_tail == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    kth = ([k_head - 1] if k_head else []) + ([C - k_tail] if k_tail else [])
-    part = np.argpartition(row, kth)
-    head, tail = part[:k_head], part[C - k_tail:]
-    head, tail = head[np.argsort(row[head])], tail[np.argsort(row[tail])]
-    hv, tv = row[head], row[tail]
-    tied = bool(np.any(hv[1:] == hv[:-1]) or np.any(tv[1:] == tv[:-1])
-                or (k_head and np.count_nonzero(row <= hv[-1]) != k_head)
-                or (k_tail and np.count_nonzero(row >= tv[0]) != k_tail))
-    if tied:
-        full = np.argsort(row)
-        return full[:k_head], full[C - k_tail:]
-    return head.astype(np.int64), tail.astype(np.int64)
-
-
-def _skip_draws(rng: np.random.Generator, n: int) -> None:
-    # as if n uniform doubles were drawn: Generator.random takes one 64-bit output per double
-    if n > 0:
-        rng.bit_generator.advance(n)
-
-
-def _layout_draws(
-    rng: np.random.Generator, n_labels: int, C: int, rows: np.ndarray, k_head: int, k_tail: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """rows [R] increasing pair numbers (a-1) n_labels + (b-1) -> heads int64 [R, k_head], tails
-    int64 [R, k_tail]: the first k_head and the last k_tail entries of each pair's layout permutation.
-
-    The permutation of pair (a, b) is argsort of the C uniform draws at block (a-1) n_labels + (b-1)
-    of `rng`'s stream (labels 1..n_labels; module docstring). Pairs not wanted are skipped over
-    in the stream; the generator is left somewhere after the last wanted block."""
-    R = len(rows)
-    heads = np.empty((R, k_head), dtype=np.int64)
-    tails = np.empty((R, k_tail), dtype=np.int64)
-    at = 0                                   # the stream position, in blocks of C draws
-    if C < ROW_WISE_MIN:
-        per = max(1, BLOCK_ELEMS // C)
-        i = 0
-        while i < R:
-            first = int(rows[i])
-            n = int(np.searchsorted(rows, first + per)) - i           # wanted rows in this block
-            last = int(rows[i + n - 1])
-            _skip_draws(rng, (first - at) * C)
-            perm = np.argsort(rng.random((last - first + 1, C)), axis=1)   # [rows, C]
-            at = last + 1
-            sel = rows[i:i + n] - first
-            heads[i:i + n] = perm[sel, :k_head]
-            tails[i:i + n] = perm[sel, C - k_tail:]
-            i += n
-    else:
-        for i, r in enumerate(rows.tolist()):
-            _skip_draws(rng, (r - at) * C)
-            heads[i], tails[i] = _head_and_tail(rng.random(C), k_head, k_tail)
-            at = r + 1
-    return heads, tails
 
 
 def _unseen_pairs(cfg: TestbedConfig) -> np.ndarray:
@@ -511,7 +427,7 @@ def make_testbed(cfg: TestbedConfig) -> Testbed:
 
     Random draws (rng = default_rng(seed)): a position permutation per label, then a layout
     permutation per ordered label pair, for all labels whatever n_pair (only the used pairs'
-    used entries are computed, see `_layout_draws`). Training takes the first
+    used entries are computed, see `layouts.layout_draws`). Training takes the first
     n_single_layout / n_layout entries, evaluation the last ones, so sweeps over n_pair, n_layout and
     n_single_layout are nested for one seed, and the evaluation layouts of a pair stay the same while
     n_layout <= C(L,2) - n_eval_layout.
@@ -530,7 +446,7 @@ def make_testbed(cfg: TestbedConfig) -> Testbed:
     pair_rows, unseen_rows = ((p[:, 0] - 1) * n_lab + (p[:, 1] - 1) for p in (pairs, unseen))
     rows = np.unique(np.concatenate([pair_rows, unseen_rows]))
     k_tail = max(n_seen_eval, n_unseen_eval)
-    heads, tails = _layout_draws(rng, n_lab, C, rows, cfg.n_layout, k_tail)
+    heads, tails = layout_draws(rng, n_lab, C, rows, cfg.n_layout, k_tail)
     ip, iu = np.searchsorted(rows, pair_rows), np.searchsorted(rows, unseen_rows)
     pair_train = _pair_examples(pairs, heads[ip], L)
     seen_eval = _pair_examples(pairs, tails[ip, k_tail - n_seen_eval:], L)

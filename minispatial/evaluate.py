@@ -1,46 +1,12 @@
 """Evaluation: every metric of one trained dual encoder on the four splits of the testbed.
 
-    minispatial eval CHECKPOINT [--json]
+    minispatial eval CHECKPOINT [--json] [--step fast|reference]
 
 Legend: N images (examples) of a split, K candidate captions, E feature width, n = n_labels.
-All scores are cosines cos(image, caption) = <img_feat, txt_feat> of the L2-normalised features,
-computed in float64. A caption *describes* an image when both have the same scene (the same
-labels in the same left-to-right order: `Split.scene_key`); in left mode that is exactly "it is
-the image's own caption", in left+right mode both forms of a scene describe its images.
-
-Ties. When several candidates share the top score (within TIE_TOL = 1e-9), an example earns the
-fraction of the tied candidates that are correct, i.e. the expected accuracy of a random
-tie-break. So a two-way comparison that ties scores 0.5: a model blind to order gets exactly the
-chance level 0.5 in `lr_acc`, not 0.
-
-Metrics of a split (keys "{split}.{metric}" in `evaluate_all`; NaN when undefined, e.g. on an
-empty split or a split without two-object scenes):
-
-  n                    number of examples of the split.
-  i2t_acc              image -> text retrieval, over the split's N images: the top-scoring caption
-                       among the split's distinct captions describes the image.
-  t2i_acc              text -> image retrieval, over the split's distinct captions: the
-                       top-scoring image among the split's N images is one the caption describes.
-  lr_acc               left-right discrimination, over the two-object images (a left of b):
-                       cos(image, "{a} is on the left of {b}") > cos(image, "{b} is on the left
-                       of {a}"). Chance 0.5. The candidate captions need not be in the split.
-  lr_acc_right         (only in left+right caption mode) the same with the right form:
-                       cos(image, "{b} is on the right of {a}") > cos(image, "{a} is on the right
-                       of {b}").
-  labelset_acc         label-set recognition, over the two-object images: the top-scoring caption
-                       among ALL n(n-1) left-form captions "{x} is on the left of {y}" (x != y)
-                       names the image's two labels, in either order. Chance 2/(n(n-1)).
-  labelset_acc_single  the same over the one-object images: the top-scoring caption among all n
-                       captions "{x} is in the image" names its label. Chance 1/n.
-  pos_cos              mean over the N images of cos(image, its own caption).
-  neg_cos              mean of cos(image, c) over every pair of an image of the split and a
-                       distinct caption c of the split that does not describe it.
-  loss                 the symmetric CLIP loss (PAPER.md §3; the trainer's loss) of one fixed batch:
-                       `sample_batch(split, 128, np.random.default_rng(0))`, i.e. up to 128
-                       distinct scenes, one random image and caption each; the logit scale is the
-                       model's. Comparable between train and validation splits.
-
-and, once per model, `logit_scale` = exp(params["logit_scale"]) (the multiplier of the cosines).
+The metrics (n, i2t_acc, t2i_acc, lr_acc, lr_acc_right, labelset_acc, labelset_acc_single,
+pos_cos, neg_cos, loss, and logit_scale), how ties count (TIE_TOL) and which captions are
+candidates are defined once, in docs/metrics.md. All scores are cosines of the L2-normalised
+features, computed in float64.
 
 Every caption the metrics can ask for (n single, n(n-1) left-form, n(n-1) right-form) is
 encoded once into a `CaptionBank`; images are encoded in chunks of ENCODE_CHUNK rows, and score
@@ -51,7 +17,8 @@ Encoders. Every function that encodes takes `encoders=None`: an optional pair
     (encode_images_fn(params, images, cfg) -> [B, E],  encode_texts_fn(params, tokens, eot, cfg) -> [B, E])
 
 used in place of the model's own `model.encode_images` / `model.encode_texts` (the default).
-`analysis.evaluate_ablation` passes encoders with attention terms removed; the tests pass
+`analysis.ablate.evaluate_ablation` passes encoders with attention terms removed, the trainer
+the encoders of its step (minispatial/step.py); the tests pass
 oracles that read the scene off the pixels and tokens.
 """
 
@@ -66,16 +33,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minispatial.data import SPLIT_NAMES, Split, Testbed, sample_batch, scene_keys
-from minispatial.model import ModelConfig, encode_images, encode_texts
+from minispatial.data import FORM_SINGLE, SPLIT_NAMES, Split, Testbed, sample_batch, scene_keys
+from minispatial.model import ENCODE_CHUNK, ModelConfig, encode_images, encode_texts
 from minispatial.ops import clip_loss_forward
+from minispatial.reporting import clean_json
+from minispatial.reporting import format_table as format_rows
+from minispatial.step import STEPS, choose
 from minispatial.text import left_caption, right_caption, single_caption
 
 METRICS = ("n", "i2t_acc", "t2i_acc", "lr_acc", "lr_acc_right", "labelset_acc",
            "labelset_acc_single", "pos_cos", "neg_cos", "loss")
 TIE_TOL = 1e-9            # cosines closer than this count as tied
 LOSS_BATCH = 128          # batch of the `loss` metric (capped at the split's distinct scenes)
-ENCODE_CHUNK = 1024       # rows per encoder call
 SCORE_CHUNK_ELEMS = 1 << 20  # entries per score-matrix chunk (8 MB of float64)
 
 # (encode_images_fn(params, images, cfg), encode_texts_fn(params, tokens, eot, cfg)): module docstring
@@ -119,7 +88,7 @@ class CaptionBank:
     def example_index(self, split: Split) -> np.ndarray:
         # split -> [N] bank index of each example's own caption
         a, b = split.labels[:, 0], split.labels[:, 1]
-        return np.where(split.form == 0, self.single[a],
+        return np.where(split.form == FORM_SINGLE, self.single[a],
                         np.where(split.form == 1, self.left[a, b], self.right[a, b]))
 
 
@@ -276,7 +245,7 @@ def evaluate_all(params: dict, testbed: Testbed, model_cfg: ModelConfig,
     """Every split's metrics as one flat dict {"{split}.{metric}": float} plus "logit_scale".
 
     encoders: None for the model's own, or a pair (encode_images_fn, encode_texts_fn) to use
-    instead (module docstring), e.g. `analysis.ablated_encoders(ablation)`."""
+    instead (module docstring), e.g. `analysis.ablate.ablated_encoders(ablation)`."""
     bank = caption_bank(params, testbed, model_cfg, encoders)
     flat: dict[str, float] = {}
     for name in SPLIT_NAMES:
@@ -312,20 +281,12 @@ def format_table(metrics: dict) -> str:
             other[k] = v
     splits = [s for s in SPLIT_NAMES if any(s in row for row in per.values())]
     rows = [m for m in METRICS if m in per] + sorted(m for m in per if m not in METRICS)
-    w0 = max([len("metric")] + [len(m) for m in rows])
-    widths = [max(len(s), 7) for s in splits]
-    lines = ["  ".join([f"{'metric':<{w0}}"] + [f"{s:>{w}}" for s, w in zip(splits, widths)])]
-    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
-    for m in rows:
-        cells = [_fmt(m, per[m].get(s, math.nan)) for s in splits]
-        lines.append("  ".join([f"{m:<{w0}}"] + [f"{c:>{w}}" for c, w in zip(cells, widths)]))
+    cells = [[m] + [_fmt(m, per[m].get(s, math.nan)) for s in splits] for m in rows]
+    lines = [format_rows(["metric", *splits], cells, align="l" + "r" * len(splits),
+                         min_width=[0] + [7] * len(splits))]
     for k, v in other.items():
         lines.append(f"{k}: {_fmt(k, v)}")
     return "\n".join(lines)
-
-
-def _json_safe(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,19 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint.npz, or a run directory holding one")
     p.add_argument("--json", action="store_true",
                    help="print the metrics as one JSON object (NaN as null) instead of a table")
+    p.add_argument("--step", default="fast", choices=STEPS,
+                   help="encode with the fast step's encoders (default: as training evaluates) or "
+                        "the reference model's (plain NumPy; equal up to float rounding)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """`minispatial eval CHECKPOINT [--json]` -> 0, 2 on a missing, corrupt or invalid checkpoint
-    (`train.load_checkpoint` validates every entry, so a NaN model is refused, naming the tensor,
+    (`checkpoint.load_checkpoint` validates every entry, so a NaN model is refused, naming the tensor,
     instead of scoring chance), 130 on Ctrl-C."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the message (or the help)
         return e.code if isinstance(e.code, int) else 2
+    from minispatial.checkpoint import load_checkpoint
     from minispatial.data import make_testbed
-    from minispatial.train import load_checkpoint
 
     try:
         cfg, params, _, step = load_checkpoint(args.checkpoint)
@@ -355,12 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minispatial eval: error: {e}", file=sys.stderr)
         return 2
     try:
-        metrics = {"step": step, **evaluate_all(params, make_testbed(cfg.data), cfg.model)}
+        encoders = choose(args.step).encoders
+        metrics = {"step": step, **evaluate_all(params, make_testbed(cfg.data), cfg.model, encoders)}
     except KeyboardInterrupt:
         print("\nminispatial eval: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps({k: _json_safe(v) for k, v in metrics.items()}, indent=2))
+        print(json.dumps(clean_json(metrics), indent=2))
     else:
         print(f"checkpoint {args.checkpoint}")
         print(format_table(metrics))

@@ -1,55 +1,25 @@
 """Finite-difference checks of every hand-written backward in minispatial (ops and whole model).
 
-    minispatial gradcheck [--backend numpy|numba|both] [--seed S] [--quick] [--only NAMES] [--no-model]
+    minispatial gradcheck [--step reference|fast|both] [--seed S] [--quick] [--only NAMES] [--no_model]
 
 --quick (a second or two) checks every op and every parameter name of the full check at least once,
 the model tensors along QUICK_DIRS random directions, and prints what it skips.
 
-What is checked, on each backend (the numba one swaps in the kernels of minispatial.kernels):
+What is checked, for each step (minispatial/step.py: "reference" is ops.py and
+model.loss_and_grads; "fast" swaps in the fast step's attention core and its loss_and_grads):
 every input and parameter tensor of every op in ops.py (`op_cases`: embedding with repeated ids,
-position embedding, CLS prepend, linear with and without bias, attention bidirectional / causal /
-masked with its 8 parameters, residual, pool, LayerNorm, GELU, MLP, L2 norm, CLIP loss with the
-logit scale, softmax), then every parameter of whole models (`model_configs`, `check_model`).
-It prints one table per backend and returns 1 if any tensor FAILs.
+position embedding, CLS prepend, linear with and without bias, attention bidirectional / causal
+with its 8 parameters, pool, LayerNorm, GELU, MLP, L2 norm, CLIP loss with the logit scale,
+softmax), then every parameter of whole models (`model_configs`, `check_model`).
+It prints one table per step and returns 1 if any tensor FAILs.
 
 Legend: B batch, T tokens, D d_model, H heads, Dh d_head, V vocabulary, F MLP width, E feature.
 
-How one tensor is checked (everything in float64)
-- Each op is projected to a scalar with a fixed random upstream gradient R ~ N(0, 1) shaped
-  like its output: f(inputs) = sum(out * R). The analytic gradient is the op's backward with
-  dout = R. The whole model is already a scalar (the CLIP loss).
-- Small tensors (at most `full_max` elements), method "full": `numeric_grad` differentiates f
-  along every element e_i with the fourth-order central difference (order=4, the default)
-
-      n_i = [8 (f(x + h e_i) - f(x - h e_i)) - (f(x + 2h e_i) - f(x - 2h e_i))] / 12h
-
-  or, with order=2, the plain central difference n_i = (f(x + h e_i) - f(x - h e_i)) / 2h.
-- Large tensors, method "directional": `directional_check` draws `n_dirs` random unit
-  directions u and compares a = <analytic, u> with the same difference taken along u.
-- Error (cs231n style, with a floor), per element (or direction):
-
-        rel_i = |a_i - n_i| / max(|a_i|, |n_i|, FLOOR)        FLOOR = 1e-4
-
-  reported as the maximum over the tensor; PASS iff it is <= REL_TOL = 1e-6.
-
-Choice of the difference, h and FLOOR (measured on every op case and two tiny models, 4 seeds)
-- The error of a difference is truncation + round-off. Round-off is ~eps_f / h, where
-  eps_f ~ 1e-15 is the float64 error of one evaluation of f (a whole forward pass, not one
-  rounding). The plain central difference (truncation h^2 |f'''| / 6) cannot get much below
-  1e-9 absolute here whatever h: 1e-8 at h = 3e-5 (truncation), 2e-9 at h = 3e-6 (round-off);
-  its max relative error reached 3.6e-6 at FLOOR 1e-4, so a correct gradient could FAIL.
-  The fourth-order difference (truncation h^4 |f^(5)| / 30) lets h grow to 3e-4, which cuts
-  round-off ~30x: max absolute error 1e-10 and max relative error 8e-8 at FLOOR 1e-4, 12x under
-  the tolerance, for 2x the evaluations. h = 1e-3 starts to show truncation (1e-8 absolute):
-  the logit scale exp(tau) ~ 14 makes the CLIP loss sharply curved.
-- Some gradients are exactly zero in theory (the key bias b_K: it adds a constant along each
-  query row of the scores, which cancels in the softmax), so the analytic value is ~1e-17 and
-  the numeric one is round-off noise, ~1e-11. Without a floor their ratio is ~1 and the check
-  fails. FLOOR = 1e-4 turns noise up to 1e-10 into rel <= 1e-6 (typically 1e-7), while every
-  gradient element of magnitude >= 1e-4 keeps the plain relative error: a mistake of more than
-  1e-6 relative in any element that matters FAILs (typical elements are O(1) for the ops and
-  1e-3..3e-2 for the tiny models), and an element under the floor must still be right to
-  1e-10 absolute. Only float64 is checked: float32 round-off would swamp these tolerances.
+How one tensor is checked (float64; the full reasoning and the measured errors are in
+docs/gradcheck.md): f(inputs) = sum(out * R) with a fixed random R; tensors of at most
+`full_max` elements element by element, larger ones along `n_dirs` random directions; the
+fourth-order central difference with h = H_STEP; per element rel = |a - n| / max(|a|, |n|, FLOOR),
+PASS iff its maximum is <= REL_TOL.
 """
 
 from __future__ import annotations
@@ -142,7 +112,7 @@ class Result:
     shape: tuple
     method: str          # "full" | "directional"
     err: float           # max relative error
-    backend: str = ""
+    step: str = ""       # "reference" or "fast"
     tol: float = REL_TOL
 
     @property
@@ -171,26 +141,27 @@ def check_tensor(f, x, analytic, rng, h: float | None = None,
 
 
 def check_case(case: Case, rng: np.random.Generator, h: float | None = None,
-               full_max: int = FULL_MAX) -> list[Result]:
+               full_max: int = FULL_MAX, step: str = "") -> list[Result]:
     """Check every input tensor of one case; one Result per tensor."""
     results = []
     for name, x in case.inputs.items():
         def f(t, name=name):
             return float(case.loss({**case.inputs, name: t}))
-        results.append(check_named(case.op, name, f, x, case.grads.get(name), rng, h, full_max))
+        results.append(check_named(case.op, name, f, x, case.grads.get(name), rng, h, full_max,
+                                   step=step))
     return results
 
 
 def check_named(op: str, name: str, f, x, analytic, rng, h: float | None = None,
-                full_max: int = FULL_MAX, n_dirs: int = N_DIRS) -> Result:
+                full_max: int = FULL_MAX, n_dirs: int = N_DIRS, step: str = "") -> Result:
     """`check_tensor` as a Result; a missing gradient or one of the wrong shape is a FAIL
     (error NaN, method "missing" / "shape [...]") rather than an exception."""
     shape = tuple(np.shape(x))
     if analytic is None or np.shape(analytic) != shape:
         method = "missing" if analytic is None else f"shape {list(np.shape(analytic))}"
-        return Result(op, name, shape, method, math.nan, ops.get_backend())
+        return Result(op, name, shape, method, math.nan, step)
     method, err = check_tensor(f, x, analytic, rng, h, full_max, n_dirs)
-    return Result(op, name, shape, method, err, ops.get_backend())
+    return Result(op, name, shape, method, err, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,30 +254,18 @@ def attention_inputs(rng, s: Sizes) -> dict:
     return inputs
 
 
-def random_mask(rng, T: int) -> np.ndarray:
-    # -> mask [T, T] bool with at least one allowed key in every row (the diagonal)
-    return (rng.random((T, T)) < 0.6) | np.eye(T, dtype=bool)
-
-
-def case_attention(rng, s: Sizes, causal: bool, mask=None) -> Case:
+def case_attention(rng, s: Sizes, causal: bool, core=None) -> Case:
+    # core: the attention core to check (ops.AttentionCore; None = ops.NUMPY_CORE)
     inputs = attention_inputs(rng, s)
     R = _projected((s.B, s.T, s.D), rng)
 
     def fwd(p):
-        return ops.attention_forward(p["x"], {n: p[n] for n in ops.ATTN_PARAMS}, causal, mask=mask)
+        return ops.attention_forward(p["x"], {n: p[n] for n in ops.ATTN_PARAMS}, causal, core=core)
 
     _, cache = fwd(inputs)
     dx, g = ops.attention_backward(R, cache, {n: inputs[n] for n in ops.ATTN_PARAMS})
-    op = "attention (" + ("causal" if causal else "bidirectional") + (", mask)" if mask is not None else ")")
+    op = "attention (" + ("causal" if causal else "bidirectional") + ")"
     return Case(op, inputs, lambda p: np.sum(fwd(p)[0] * R), {"x": dx, **g})
-
-
-def case_residual(rng, s: Sizes) -> Case:
-    x, y = _normal(rng, s.B, s.T, s.D), _normal(rng, s.B, s.T, s.D)
-    R = _projected((s.B, s.T, s.D), rng)
-    dx, dy = ops.residual_backward(R, ops.residual_forward(x, y)[1])
-    return Case("residual", {"x": x, "y": y},
-                lambda p: np.sum(ops.residual_forward(p["x"], p["y"])[0] * R), {"x": dx, "y": dy})
 
 
 def case_pool(rng, s: Sizes) -> Case:
@@ -379,14 +338,14 @@ def case_softmax(rng, s: Sizes, mask=None) -> Case:
                 {"scores": ops.softmax_backward(R, pattern)})
 
 
-def op_cases(rng: np.random.Generator, s: Sizes = Sizes()) -> list[Case]:
-    """Every op of ops.py as a Case, with shapes coupled through `s`."""
+def op_cases(rng: np.random.Generator, s: Sizes = Sizes(), core=None) -> list[Case]:
+    """Every op of ops.py as a Case, with shapes coupled through `s`; `core`: the attention core
+    the attention cases run (None = NumPy)."""
     return [
         case_embedding(rng, s), case_pos_embedding(rng, s), case_prepend_cls(rng, s),
         case_linear(rng, s, bias=True), case_linear(rng, s, bias=False),
-        case_attention(rng, s, causal=False), case_attention(rng, s, causal=True),
-        case_attention(rng, s, causal=False, mask=random_mask(rng, s.T)),
-        case_residual(rng, s), case_pool(rng, s), case_layernorm(rng, s), case_gelu(rng, s),
+        case_attention(rng, s, causal=False, core=core), case_attention(rng, s, causal=True, core=core),
+        case_pool(rng, s), case_layernorm(rng, s), case_gelu(rng, s),
         case_mlp(rng, s), case_l2norm(rng, s), case_clip_loss(rng, s),
         case_softmax(rng, s), case_softmax(rng, s, mask=ops.causal_mask(s.T)),
     ]
@@ -438,14 +397,17 @@ def model_batch(cfg, B: int, rng: np.random.Generator):
 
 
 def check_model(cfg=None, seed: int = 0, B: int = 4, full_max: int = FULL_MAX,
-                h: float | None = None, name: str = "model", n_dirs: int = N_DIRS) -> list[Result]:
-    """Check `model.loss_and_grads` for every parameter tensor of `cfg` (default: the tiny
+                h: float | None = None, name: str = "model", n_dirs: int = N_DIRS,
+                step: str = "reference") -> list[Result]:
+    """Check the gradients of `step`'s loss_and_grads (minispatial/step.py; "reference" is
+    `model.loss_and_grads`) against differences of `model.loss_only` for every parameter tensor of `cfg` (default: the tiny
     attention-only config; any config is switched to float64) on a random batch (`model_batch`).
     Parameters start from `init_params(cfg, seed)` plus N(0, 0.1) noise, so that zero biases
     and unit LayerNorm weights do not hide a term. One Result per parameter tensor; a tensor
     without a gradient, or with a gradient of the wrong shape, gets error NaN (FAIL). Tensors
     over full_max elements are checked along n_dirs random directions."""
     from minispatial import model
+    from minispatial.step import choose
 
     cfg = model_configs()["model (paper)"][0] if cfg is None else cfg
     if cfg.dtype != "float64":
@@ -455,13 +417,12 @@ def check_model(cfg=None, seed: int = 0, B: int = 4, full_max: int = FULL_MAX,
     for n in params:
         params[n] = params[n] + 0.1 * rng.standard_normal(params[n].shape)
     images, tokens, eot = model_batch(cfg, B, rng)
-    _, grads = model.loss_and_grads(params, images, tokens, eot, cfg)
-    loss_fn = getattr(model, "loss_only", None) or (lambda *a: model.loss_and_grads(*a)[0])
+    _, grads = choose(step).loss_and_grads(params, images, tokens, eot, cfg)
     results = []
     for pname, x in params.items():
         def f(t, pname=pname):
-            return loss_fn({**params, pname: t}, images, tokens, eot, cfg)
-        results.append(check_named(name, pname, f, x, grads.get(pname), rng, h, full_max, n_dirs))
+            return model.loss_only({**params, pname: t}, images, tokens, eot, cfg)
+        results.append(check_named(name, pname, f, x, grads.get(pname), rng, h, full_max, n_dirs, step))
     return results
 
 
@@ -473,30 +434,33 @@ FULL_SIZES = Sizes(B=3, T=5, H=2, Dh=4, D=6, V=5, F=8, E=5)
 
 
 def run_all(seed: int = 0, quick: bool = False, only: list[str] | None = None,
-            model: bool = True) -> list[Result]:
-    """Every op case, then the model configs, on the current backend. `only`: substrings of
-    op names (e.g. ["attention", "model (paper)"]); empty or None = everything."""
+            with_models: bool = True, step: str = "reference") -> list[Result]:
+    """Every op case, then the model configs, for one step ("reference" or "fast"). `only`:
+    substrings of op names (e.g. ["attention", "model (paper)"]); empty or None = everything."""
+    from minispatial.step import choose
+
     rng = np.random.default_rng(seed)
+    core = choose(step).attention_core
 
     def wanted(op):
         return not only or any(w in op for w in only)
 
     results = []
-    for case in op_cases(rng, QUICK_SIZES if quick else FULL_SIZES):
+    for case in op_cases(rng, QUICK_SIZES if quick else FULL_SIZES, core):
         if wanted(case.op):
-            results += check_case(case, rng)
-    if model:
+            results += check_case(case, rng, step=step)
+    if with_models:
         for i, (name, (cfg, full_max)) in enumerate(model_configs(quick).items()):
             if wanted(name):
                 results += check_model(cfg, seed=seed + i, B=3 if quick else 4, full_max=full_max,
-                                       name=name, n_dirs=QUICK_DIRS if quick else N_DIRS)
+                                       name=name, n_dirs=QUICK_DIRS if quick else N_DIRS, step=step)
     return results
 
 
 def format_table(results: list[Result]) -> str:
-    rows = [("backend", "op", "tensor", "shape", "method", "max rel err", "")]
+    rows = [("step", "op", "tensor", "shape", "method", "max rel err", "")]
     for r in results:
-        rows.append((r.backend, r.op, r.tensor, str(list(r.shape)), r.method, f"{r.err:.2e}",
+        rows.append((r.step, r.op, r.tensor, str(list(r.shape)), r.method, f"{r.err:.2e}",
                      "PASS" if r.passed else "FAIL"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -508,26 +472,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Finite-difference check (float64, central differences) of every op's "
                     f"backward and of every model parameter's gradient; PASS iff the max "
                     f"relative error |a-n|/max(|a|,|n|,{FLOOR:g}) <= {REL_TOL:g}.")
-    ap.add_argument("--backend", choices=("numpy", "numba", "both"), default="both",
-                    help="implementation of the hot ops to check (default: both)")
+    ap.add_argument("--step", choices=("reference", "fast", "both"), default="both",
+                    help="the training step to check (minispatial/step.py; default: both)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every random input (default 0)")
     ap.add_argument("--quick", action="store_true",
                     help="a second or two: every op and every parameter name at least once, "
                          "model tensors along random directions (prints what it skips)")
     ap.add_argument("--only", default="",
                     help="comma-separated substrings of op names to check (default: all)")
-    ap.add_argument("--no-model", action="store_true", help="skip the whole-model checks")
+    ap.add_argument("--no_model", "--no-model", action="store_true", help="skip the whole-model checks")
     args = ap.parse_args(argv)
 
-    backends = ops.BACKENDS if args.backend == "both" else (args.backend,)
+    steps = ("reference", "fast") if args.step == "both" else (args.step,)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     results: list[Result] = []
-    for backend in backends:
+    for step in steps:
         t0 = time.perf_counter()
-        with ops.use_backend(backend):
-            res = run_all(args.seed, args.quick, only, model=not args.no_model)
+        res = run_all(args.seed, args.quick, only, with_models=not args.no_model, step=step)
         results += res
-        print(f"# backend {backend}: {len(res)} tensors in {time.perf_counter() - t0:.1f} s")
+        print(f"# step {step}: {len(res)} tensors in {time.perf_counter() - t0:.1f} s")
         print(format_table(res))
     failed = [r for r in results if not r.passed]
     worst = float(np.max([r.err for r in results])) if results else 0.0

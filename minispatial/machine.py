@@ -3,8 +3,8 @@
 Two runs of the same config and seed are bit-identical when their fingerprints are equal. Where
 they differ (another OpenBLAS core type, NumPy's SIMD paths switched off, another numba target,
 other library versions), float32 training turns rounding-level differences into different
-metrics, and only a tolerance can compare them (tests/test_reference_runs.py, README
-"Numbers across machines").
+metrics, and only a tolerance can compare them (tests/test_reference_runs.py,
+docs/training.md "Numbers across machines").
 
     minispatial.machine.fingerprint() -> {"arch", "cpu", "python", "numpy", "numba", "blas",
                                           "blas_core", "numpy_simd", "numba_cpu"}

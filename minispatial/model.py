@@ -15,12 +15,14 @@ ln_final) and the MLP exist as options, off by default (the paper's main model h
 Parameters are one flat dict with TransformerLens-style names, e.g. `vision.W_E`,
 `vision.W_pos`, `vision.class_embedding`, `vision.blocks.0.attn.W_Q` [H, D, Dh],
 `text.blocks.0.attn.b_K` [H, Dh], `text.W_proj` [D, E], `logit_scale` (0-d).
-Hook names (for `record` / `hooks`) follow TransformerLens too, with the tower prefixed:
-`vision.hook_embed` [B, T, D] (token part, CLS row included), `vision.hook_pos_embed` [T, D],
-`vision.blocks.0.hook_resid_pre`, `vision.blocks.0.attn.hook_q|k|v` [B, T, H, Dh],
-`vision.blocks.0.attn.hook_attn_scores` / `hook_pattern` [B, H, Tq, Tk],
+Hook names (for `record` / `hooks`) follow TransformerLens, with the tower prefixed, and mean
+what they mean there: `vision.hook_embed` [B, T, D] (token part, CLS row included),
+`vision.hook_pos_embed` [B, T, D] (W_pos[:T] broadcast over the batch), `vision.blocks.0.hook_resid_pre`,
+`vision.blocks.0.attn.hook_q|k|v` [B, T, H, Dh], `vision.blocks.0.attn.hook_attn_scores` [B, H, Tq, Tk]
+(after the causal mask: masked keys are -inf), `hook_pattern` [B, H, Tq, Tk],
 `vision.blocks.0.attn.hook_z`, `vision.blocks.0.hook_attn_out`, `vision.blocks.0.hook_resid_post`,
 `vision.blocks.0.ln1.hook_scale` (1/std, when LayerNorm is on), `vision.hook_pooled`.
+Differences from TransformerLens: the tower prefix, and `hook_pooled` (the CLS / EOT row).
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minispatial import ops
+from minispatial import data, memory, ops
 
 INITS = ("torch", "clip")
 EMBED_SCALES = ("none", "sqrt_d")
 DTYPES = ("float32", "float64")
 TOWERS = ("vision", "text")
+ENCODE_CHUNK = 1024       # rows per encoder call when a whole split is encoded (evaluate.py)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and options of the dual encoder. Defaults are the paper's model (PAPER.md §3).
+    """Shape and options of the dual encoder. Defaults are the paper's model (docs/paper.md §3).
 
     The last four fields are derived from the testbed (`RunConfig` fills them in)."""
 
@@ -84,7 +87,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.logit_scale_init={v!r} is invalid: must be a number in [0, ln 100]")
         # memory: the parameters, their gradients and AdamW moments and one example's activations
         # (the batch is checked where it is known: check_run_memory, `minispatial bench`)
-        ops.check_memory(self.memory_subject(), estimate_model_bytes(self, 1),
+        memory.check_memory(self.memory_subject(), estimate_model_bytes(self, 1),
                          f"the model ({n_params(self):,} parameters; with gradients, AdamW moments "
                          f"and the activations of one example)")
 
@@ -160,35 +163,31 @@ def estimate_run_bytes(data_cfg, model_cfg: ModelConfig, batch_size: int) -> int
     """Peak memory of `minispatial train` for a TestbedConfig, a ModelConfig and a batch size:
     the testbed, plus the larger of a training step (the batch capped at the distinct training
     scenes, as `data.sample_batch` caps it) and evaluation (one tower's forward on
-    evaluate.ENCODE_CHUNK rows, and the caption bank of every n (2n - 1) caption: its
+    ENCODE_CHUNK rows, and the caption bank of every n (2n - 1) caption: its
     features, tokens and strings)."""
-    from minispatial import data, evaluate
-
     B = min(int(batch_size), data.n_train_scenes(data_cfg))
     n = data_cfg.n_labels
     E = model_cfg.proj_dim or model_cfg.d_model
     bank = n * (2 * n - 1) * (8 * E + 8 * (model_cfg.text_ctx + 1) + 130) + 16 * (n + 1) ** 2
-    evaluation = estimate_model_bytes(model_cfg, evaluate.ENCODE_CHUNK, train=False) + bank
+    evaluation = estimate_model_bytes(model_cfg, ENCODE_CHUNK, train=False) + bank
     return data.estimate_testbed_bytes(data_cfg) + max(estimate_model_bytes(model_cfg, B), evaluation)
 
 
 def check_run_memory(data_cfg, model_cfg: ModelConfig, batch_size: int) -> None:
-    """ValueError when `estimate_run_bytes` is over the memory limit (ops.memory_limit_bytes):
+    """ValueError when `estimate_run_bytes` is over the memory limit (memory.memory_limit_bytes):
     naming TrainConfig.batch_size when a batch of 1 would fit, else the testbed's and the
     model's size fields above their defaults."""
-    from minispatial import data
-
     need = estimate_run_bytes(data_cfg, model_cfg, batch_size)
-    if need <= ops.memory_limit_bytes():
+    if need <= memory.memory_limit_bytes():
         return
     B = min(int(batch_size), data.n_train_scenes(data_cfg))
-    if estimate_run_bytes(data_cfg, model_cfg, 1) <= ops.memory_limit_bytes():
+    if estimate_run_bytes(data_cfg, model_cfg, 1) <= memory.memory_limit_bytes():
         subject = f"TrainConfig.batch_size={batch_size!r}"
     else:
         grown = [f"{f.name}={getattr(data_cfg, f.name)!r}" for f in dataclasses.fields(data_cfg)
                  if f.name in data.MEMORY_FIELDS and getattr(data_cfg, f.name) > f.default]
         subject = model_cfg.memory_subject() + (" with TestbedConfig." + ", ".join(grown) if grown else "")
-    ops.check_memory(subject, need, f"training and evaluation (testbed, model, a batch of {B})")
+    memory.check_memory(subject, need, f"training and evaluation (testbed, model, a batch of {B})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,22 +299,26 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # one tower: forward and backward side by side
 
-def _embed_scale(cfg: ModelConfig) -> float:
+def embed_scale(cfg: ModelConfig) -> float:
+    """s in tok = W_E[ids] * s: sqrt(D) with embed_scale "sqrt_d", else 1."""
     return math.sqrt(cfg.d_model) if cfg.embed_scale == "sqrt_d" else 1.0
 
 
-def _attn_params(params: dict, block: str) -> dict:
+def attn_params(params: dict, block: str) -> dict:
+    """{"W_Q": ..., "b_O": ...} of the attention of `block` (e.g. "vision.blocks.0")."""
     return {n: params[f"{block}.attn.{n}"] for n in ops.ATTN_PARAMS}
 
 
 def _hook(hooks, record, name, value):
-    return ops._run_hook(hooks, record, name, value)
+    return ops.run_hook(hooks, record, name, value)
 
 
-def tower_forward(params: dict, tower: str, ids, pool_idx, cfg: ModelConfig, hooks=None, record=None):
+def tower_forward(params: dict, tower: str, ids, pool_idx, cfg: ModelConfig, hooks=None, record=None,
+                  core=None):
     # ids [B, L] pixels (vision) or [B, Tt] tokens (text), pool_idx [B] -> feat [B, E], cache
-    # (feat is L2-normalised; E = proj_dim, or D without projection)
-    s = _embed_scale(cfg)
+    # (feat is L2-normalised; E = proj_dim, or D without projection). `core`: the attention core
+    # (ops.AttentionCore; default NumPy), `hooks`/`record`: TransformerLens-style hook points.
+    s = embed_scale(cfg)
     causal = tower == "text"
     caches = {}
     tok, caches["embed"] = ops.embedding_forward(params[f"{tower}.W_E"], ids)   # [B, Tx, D]
@@ -328,8 +331,12 @@ def tower_forward(params: dict, tower: str, ids, pool_idx, cfg: ModelConfig, hoo
         raise ValueError(f"{tower} input has {T} positions but the model's context is "
                          f"{params[f'{tower}.W_pos'].shape[0]}")
     tok = _hook(hooks, record, f"{tower}.hook_embed", tok)
-    pos = _hook(hooks, record, f"{tower}.hook_pos_embed", params[f"{tower}.W_pos"][:T])
-    x = tok + pos                                                                 # [B, T, D]
+    x, caches["pos"] = ops.pos_embedding_forward(tok, params[f"{tower}.W_pos"])   # [B, T, D]
+    if hooks is not None or record is not None:                                   # X = E + P, P read
+        pos = np.broadcast_to(params[f"{tower}.W_pos"][:T], tok.shape)            # as [B, T, D]
+        new = _hook(hooks, record, f"{tower}.hook_pos_embed", pos)
+        if new is not pos:
+            x = tok + new
     for l in range(cfg.layers(tower)):
         b = f"{tower}.blocks.{l}"
         x = _hook(hooks, record, f"{b}.hook_resid_pre", x)
@@ -337,8 +344,8 @@ def tower_forward(params: dict, tower: str, ids, pool_idx, cfg: ModelConfig, hoo
         if cfg.layernorm:
             h, caches[f"{b}.ln1"] = ops.layernorm_forward(x, params[f"{b}.ln1.w"], params[f"{b}.ln1.b"])
             _hook(None, record, f"{b}.ln1.hook_scale", caches[f"{b}.ln1"][1])
-        a, caches[f"{b}.attn"] = ops.attention_forward(h, _attn_params(params, b), causal,
-                                                       hooks=hooks, record=record, prefix=f"{b}.attn.")
+        a, caches[f"{b}.attn"] = ops.attention_forward(h, attn_params(params, b), causal, hooks=hooks,
+                                                       record=record, prefix=f"{b}.attn.", core=core)
         a = _hook(hooks, record, f"{b}.hook_attn_out", a)
         x = x + a                                                                 # residual
         if cfg.mlp:
@@ -380,14 +387,14 @@ def tower_backward(dfeat, cache, params: dict, cfg: ModelConfig) -> dict:
                 dh, g[f"{b}.ln2.w"], g[f"{b}.ln2.b"] = ops.layernorm_backward(dh, caches[f"{b}.ln2"])
             dx = dx + dh
         # inverts x = x + attn(ln1(x))
-        dh, ga = ops.attention_backward(dx, caches[f"{b}.attn"], _attn_params(params, b))
+        dh, ga = ops.attention_backward(dx, caches[f"{b}.attn"], attn_params(params, b))
         for n, gv in ga.items():
             g[f"{b}.attn.{n}"] = gv
         if cfg.layernorm:
             dh, g[f"{b}.ln1.w"], g[f"{b}.ln1.b"] = ops.layernorm_backward(dh, caches[f"{b}.ln1"])
         dx = dx + dh
     # inverts X = tok + W_pos[:T]
-    dx, g[f"{tower}.W_pos"] = ops.pos_embedding_backward(dx, (dx.shape[1], params[f"{tower}.W_pos"].shape[0]))
+    dx, g[f"{tower}.W_pos"] = ops.pos_embedding_backward(dx, caches["pos"])
     if tower == "vision":                                              # inverts CLS prepend
         dx, g["vision.class_embedding"] = ops.prepend_cls_backward(dx, None)
     if s != 1.0:                                                       # inverts tok = W_E[ids] * s
@@ -399,7 +406,9 @@ def tower_backward(dfeat, cache, params: dict, cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 # public API
 
-def _check_inputs(images, tokens, eot, cfg: ModelConfig) -> None:
+def check_inputs(images, tokens, eot, cfg: ModelConfig) -> None:
+    """ValueError naming the array when images [B, L], tokens [B, Tt] or eot [B] do not fit the
+    model (None skips one)."""
     if images is not None:
         ops.check_array("images", images, ndim=2)
         if images.shape[1] + 1 != cfg.vision_ctx:
@@ -415,17 +424,17 @@ def _check_inputs(images, tokens, eot, cfg: ModelConfig) -> None:
         raise ValueError(f"images ({images.shape[0]}) and tokens ({tokens.shape[0]}) differ in batch size")
 
 
-def encode_images(params, images, cfg: ModelConfig, hooks=None, record=None):
+def encode_images(params, images, cfg: ModelConfig, hooks=None, record=None, core=None):
     # images [B, L] int pixel values -> features [B, E], L2-normalised
-    _check_inputs(images, None, None, cfg)
+    check_inputs(images, None, None, cfg)
     cls_idx = np.zeros(images.shape[0], dtype=np.int64)
-    return tower_forward(params, "vision", images, cls_idx, cfg, hooks, record)[0]
+    return tower_forward(params, "vision", images, cls_idx, cfg, hooks, record, core)[0]
 
 
-def encode_texts(params, tokens, eot, cfg: ModelConfig, hooks=None, record=None):
+def encode_texts(params, tokens, eot, cfg: ModelConfig, hooks=None, record=None, core=None):
     # tokens [B, Tt] int, eot [B] int -> features [B, E], L2-normalised
-    _check_inputs(None, tokens, eot, cfg)
-    return tower_forward(params, "text", tokens, eot, cfg, hooks, record)[0]
+    check_inputs(None, tokens, eot, cfg)
+    return tower_forward(params, "text", tokens, eot, cfg, hooks, record, core)[0]
 
 
 def run_with_cache(params, images, tokens, eot, cfg: ModelConfig, hooks=None):
@@ -436,23 +445,24 @@ def run_with_cache(params, images, tokens, eot, cfg: ModelConfig, hooks=None):
     return img, txt, record
 
 
-def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig):
+def loss_and_grads(params, images, tokens, eot, cfg: ModelConfig, core=None):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss float, grads {name: array like params})
     """The symmetric CLIP loss of a batch whose i-th image matches its i-th caption, and the
-    gradient of that loss for every parameter (hand-written backward, no autograd)."""
-    from minispatial import fast  # same loss and gradients, less work (minispatial/fast.py)
-    # shapes first: the numba kernels would read/write a wrong-shaped table out of bounds
+    gradient of that loss for every parameter (hand-written backward, no autograd). This is the
+    reference training step; minispatial/fast/ computes the same sums with less work."""
     check_params({n: np.asarray(p) for n, p in params.items()}, cfg)  # (0-d scalars are fine)
-    if fast.supports(cfg) and ops.get_backend() == "numba":
-        return fast.loss_and_grads_fast(params, images, tokens, eot, cfg)
-    _check_inputs(images, tokens, eot, cfg)
-    return two_tower_loss_and_grads(params, images, tokens, eot, cfg, tower_forward, tower_backward)
+    check_inputs(images, tokens, eot, cfg)
+
+    def forward(params, tower, ids, pool_idx, cfg):
+        return tower_forward(params, tower, ids, pool_idx, cfg, core=core)
+
+    return two_tower_loss_and_grads(params, images, tokens, eot, cfg, forward, tower_backward)
 
 
 def two_tower_loss_and_grads(params, images, tokens, eot, cfg: ModelConfig, forward, backward,
                              clip_loss=None):
     # images [B, L], tokens [B, Tt], eot [B] -> (loss, grads); `forward`/`backward` run one tower
-    # (tower_forward/tower_backward here, or fast.py's versions: the same sums in another order);
+    # (tower_forward/tower_backward here, or fast/'s versions: the same sums in another order);
     # `clip_loss(img, txt, logit_scale) -> (loss, dimg, dtxt, dtau)` defaults to ops.clip_loss_*
     cls_idx = np.zeros(images.shape[0], dtype=np.int64)
     img, cache_v = forward(params, "vision", images, cls_idx, cfg)     # [B, E]
@@ -474,6 +484,3 @@ def loss_only(params, images, tokens, eot, cfg: ModelConfig) -> float:
     txt = encode_texts(params, tokens, eot, cfg)
     return float(ops.clip_loss_forward(img, txt, params["logit_scale"])[0])
 
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -8,10 +8,9 @@ Conventions (llm.c style, NumPy spelling):
 - `<op>_forward(...)` returns `(out, cache)`; `cache` holds what the backward needs.
 - `<op>_backward(dout, cache)` *returns* gradients (never accumulates into buffers).
 - Each backward comments the forward line it inverts.
-- The three hot operations (attention core, its backward, the embedding scatter-add) dispatch to
-  numba kernels in `minispatial.kernels` when the backend is "numba"; the NumPy code here is the
-  reference they are held equal to (tests/test_kernels.py). Select the backend with the
-  environment variable MINISPATIAL_BACKEND=numpy|numba (default numba) or `set_backend`.
+- NumPy only. The attention core (the one O(T^2) operation) can be swapped for another
+  implementation of the same sums (`AttentionCore`); minispatial/fast/ passes its numba kernels
+  that way. Nothing here knows about them.
 
 Weights follow TransformerLens shapes: W_Q, W_K, W_V [H, D, Dh]; W_O [H, Dh, D]; b_Q, b_K, b_V
 [H, Dh]; b_O [D]. q, k, v and z are kept as [B, T, H, Dh] (TransformerLens `hook_q` layout).
@@ -19,65 +18,10 @@ Weights follow TransformerLens shapes: W_Q, W_K, W_V [H, D, Dh]; W_O [H, Dh, D];
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
-
-BACKENDS = ("numpy", "numba")
-BACKEND_VAR = "MINISPATIAL_BACKEND"
-
-
-def backend_from_env() -> str:
-    """The backend MINISPATIAL_BACKEND names (default "numba"); ValueError naming the variable,
-    its value and the allowed values otherwise. Read at import, but an invalid value is only
-    refused when the backend is used (`get_backend`), so that importing never fails and each
-    command can report it as a one-line error (cli.check_environment)."""
-    name = os.environ.get(BACKEND_VAR, "numba")
-    if name not in BACKENDS:
-        raise ValueError(f"{BACKEND_VAR}={name!r} is not allowed: must be one of {BACKENDS}")
-    return name
-
-
-try:
-    _backend = backend_from_env()
-except ValueError:
-    _backend = None                      # refused by get_backend until set_backend is called
-
-
-def get_backend() -> str:
-    if _backend is None:
-        return backend_from_env()        # raises ValueError naming MINISPATIAL_BACKEND
-    return _backend
-
-
-def set_backend(name: str) -> None:
-    """Select the implementation of the hot ops: "numpy" (reference) or "numba" (kernels)."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not allowed: must be one of {BACKENDS}")
-    _backend = name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """`with use_backend("numpy"): ...` runs a block on one backend and restores the previous."""
-    old = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(old)
-
-
-def _kernels():
-    from minispatial import kernels  # imported lazily: compiling is only paid when used
-
-    return kernels
-
 
 # --------------------------------------------------------------------------------------------
 # input checks: clear errors instead of silent broadcasting deep inside NumPy
@@ -114,65 +58,6 @@ def check_ids(name: str, ids, V: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# memory budget: a size that cannot fit is refused before anything is built, with an estimate
-# (data.estimate_testbed_bytes, model.estimate_model_bytes / estimate_run_bytes) and the limit
-
-MEMORY_VAR = "MINISPATIAL_MEMORY_LIMIT"  # bytes, or with a suffix K, M, G, T (powers of 1024)
-MEMORY_FRACTION = 0.5                    # default limit: this fraction of physical memory
-MEMORY_FALLBACK = 4 << 30                # default limit where physical memory cannot be read
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def physical_memory_bytes() -> int | None:
-    """Physical memory (sysconf page size x pages), or None where sysconf cannot tell."""
-    try:
-        n = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-    return n if n > 0 else None
-
-
-def memory_limit_bytes() -> int:
-    """The memory a config may need: MINISPATIAL_MEMORY_LIMIT if set (e.g. 8G), else
-    MEMORY_FRACTION of physical memory, else MEMORY_FALLBACK. ValueError on a bad variable."""
-    text = os.environ.get(MEMORY_VAR, "").strip()
-    if text:
-        m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:i?B)?", text, flags=re.IGNORECASE)
-        value = float(m.group(1)) * _UNITS[m.group(2).upper()] if m else 0.0
-        if value < 1:
-            raise ValueError(f"{MEMORY_VAR}={text!r} is invalid: must be a number of bytes >= 1, "
-                             f"optionally with a suffix K, M, G or T (powers of 1024), e.g. 8G")
-        return int(value)
-    phys = physical_memory_bytes()
-    return int(phys * MEMORY_FRACTION) if phys else MEMORY_FALLBACK
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def check_memory(subject: str, need: int, what: str) -> None:
-    """ValueError "{subject} is too large: {what} would need an estimated X, over the memory
-    limit of Y (where Y comes from)" when need > memory_limit_bytes()."""
-    limit = memory_limit_bytes()
-    if need <= limit:
-        return
-    if os.environ.get(MEMORY_VAR, "").strip():
-        source = f"set by {MEMORY_VAR}"
-    else:
-        phys = physical_memory_bytes()
-        source = (f"{MEMORY_FRACTION:g} of the {format_bytes(phys)} of physical memory" if phys
-                  else "a fixed default: physical memory is unknown") + f"; {MEMORY_VAR} overrides it"
-    raise ValueError(f"{subject} is too large: {what} would need an estimated {format_bytes(need)}, "
-                     f"over the memory limit of {format_bytes(limit)} ({source})")
-
-
-# --------------------------------------------------------------------------------------------
 # token embedding
 
 def embedding_forward(W_E, ids):
@@ -193,9 +78,6 @@ def embedding_backward(dout, cache):
 
 def scatter_add_rows(idx, src, V: int):
     # idx [N] int, src [N, D] -> out [V, D] with out[idx[n]] += src[n]
-    if get_backend() == "numba":
-        return _kernels().scatter_add_rows(np.ascontiguousarray(idx, dtype=np.int64),
-                                           np.ascontiguousarray(src), V)
     out = np.zeros((V, src.shape[1]), dtype=src.dtype)
     np.add.at(out, idx, src)
     return out
@@ -269,18 +151,7 @@ def linear_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------------------------
-# residual add and pooling (CLS / EOT gather)
-
-def residual_forward(x, y):
-    # x [B, T, D], y [B, T, D] -> x + y [B, T, D]
-    check_array("y", y, shape=x.shape, dtype=x.dtype)
-    return x + y, None
-
-
-def residual_backward(dout, cache):
-    # inverts: out = x + y  -> both inputs receive dout
-    return dout, dout
-
+# pooling (CLS / EOT gather)
 
 def pool_forward(x, idx):
     # x [B, T, D], idx [B] int (row to keep per batch element) -> out [B, D]
@@ -375,7 +246,7 @@ def causal_mask(T: int):
     return np.tril(np.ones((T, T), dtype=bool))
 
 
-def _run_hook(hooks, record, name, value):
+def run_hook(hooks, record, name, value):
     """Let a caller read (`record[name]`) or replace (`hooks[name](value)`) an intermediate."""
     if hooks is not None and name in hooks:
         new = hooks[name](value)
@@ -404,38 +275,26 @@ def softmax_backward(dpattern, pattern):
     return pattern * (dpattern - (dpattern * pattern).sum(axis=-1, keepdims=True))
 
 
-def attention_core_forward(q, k, v, causal: bool):
+def attention_core_forward(q, k, v, causal: bool, hooks=None, record=None, prefix=""):
     # q, k, v [B, T, H, Dh] -> z [B, T, H, Dh], pattern [B, H, T, T]
-    if get_backend() == "numba":
-        return _kernels().attention_core_forward(q, k, v, causal)
-    return attention_core_forward_np(q, k, v, causal)
-
-
-def attention_core_forward_np(q, k, v, causal: bool, mask=None, hooks=None, record=None, prefix=""):
-    # q, k, v [B, T, H, Dh] -> z [B, T, H, Dh], pattern [B, H, T, T]   (reference; hooks here)
+    # hook_attn_scores is recorded after the causal mask (masked keys -inf), as in TransformerLens
     Dh = q.shape[-1]
     T = q.shape[1]
-    if causal:
-        mask = causal_mask(T) if mask is None else (mask & causal_mask(T))
     qh = q.transpose(0, 2, 1, 3)                                   # [B, H, T, Dh]
     kh = k.transpose(0, 2, 3, 1)                                   # [B, H, Dh, T]
     scores = (qh @ kh) * (1.0 / math.sqrt(Dh))                     # [B, H, Tq, Tk]
-    scores = _run_hook(hooks, record, prefix + "hook_attn_scores", scores)
-    pattern = softmax_forward(scores, mask)
-    pattern = _run_hook(hooks, record, prefix + "hook_pattern", pattern)
+    mask = causal_mask(T) if causal else None
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    scores = run_hook(hooks, record, prefix + "hook_attn_scores", scores)
+    pattern = softmax_forward(scores, mask)                        # (the mask again: a hook may
+    pattern = run_hook(hooks, record, prefix + "hook_pattern", pattern)   # have edited masked keys)
     z = (pattern @ v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
     return np.ascontiguousarray(z), pattern
 
 
 def attention_core_backward(dz, q, k, v, pattern):
     # dz [B, T, H, Dh] -> dq, dk, dv [B, T, H, Dh]
-    if get_backend() == "numba":
-        return _kernels().attention_core_backward(dz, q, k, v, pattern)
-    return attention_core_backward_np(dz, q, k, v, pattern)
-
-
-def attention_core_backward_np(dz, q, k, v, pattern):
-    # dz [B, T, H, Dh] -> dq, dk, dv [B, T, H, Dh]   (reference)
     scale = 1.0 / math.sqrt(q.shape[-1])
     dzh = dz.transpose(0, 2, 1, 3)                                 # [B, H, T, Dh]
     # inverts: z = pattern @ v
@@ -447,6 +306,17 @@ def attention_core_backward_np(dz, q, k, v, pattern):
     dq = (dscores @ k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     dk = (dscores.transpose(0, 1, 3, 2) @ q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     return (np.ascontiguousarray(dq), np.ascontiguousarray(dk), np.ascontiguousarray(dv))
+
+
+class AttentionCore(NamedTuple):
+    """An implementation of the attention core pair above: forward(q, k, v, causal) -> (z,
+    pattern) and backward(dz, q, k, v, pattern) -> (dq, dk, dv), the same sums (minispatial/fast/
+    has one in numba kernels). attention_forward(core=...) uses it when no hook is asked for."""
+    forward: Callable
+    backward: Callable
+
+
+NUMPY_CORE = AttentionCore(attention_core_forward, attention_core_backward)
 
 
 ATTN_PARAMS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")
@@ -466,21 +336,15 @@ def check_attention_params(x, p: dict) -> None:
         check_array(name, p[name], shape=shape, dtype=x.dtype)
 
 
-def attention_forward(x, p: dict, causal: bool, mask=None, hooks=None, record=None, prefix=""):
+def attention_forward(x, p: dict, causal: bool, hooks=None, record=None, prefix="", core=None):
     # x [B, T, D], p: W_Q/W_K/W_V [H, D, Dh], W_O [H, Dh, D], b_Q/b_K/b_V [H, Dh], b_O [D]
     #   -> out [B, T, D], cache
     # `hooks`/`record` (dicts keyed by f"{prefix}hook_q" ... "hook_attn_scores", "hook_pattern",
-    # "hook_z") read or edit intermediates; with any of them the NumPy reference core runs.
+    # "hook_z") read or edit intermediates. `core` (an AttentionCore, default NUMPY_CORE) computes
+    # z and the pattern; with hooks the NumPy core runs, since only it has them.
     check_attention_params(x, p)
     B, T, D = x.shape
     H, _, Dh = p["W_Q"].shape
-    if mask is not None:
-        check_array("mask", mask, shape=(T, T))
-        if mask.dtype != bool:
-            raise ValueError(f"mask has dtype {mask.dtype}: expected bool")
-        rows = mask & causal_mask(T) if causal else mask
-        if not rows.any(axis=1).all():
-            raise ValueError(f"mask leaves query row {int(np.argmin(rows.any(axis=1)))} with no key to attend to")
     x2 = x.reshape(B * T, D)
     # one GEMM for the three projections: [N, D] @ [D, 3*H*Dh]
     W_qkv = np.concatenate([p[n].transpose(1, 0, 2).reshape(D, H * Dh) for n in ("W_Q", "W_K", "W_V")], axis=1)
@@ -488,23 +352,23 @@ def attention_forward(x, p: dict, causal: bool, mask=None, hooks=None, record=No
     q = (qkv[:, :H * Dh].reshape(B, T, H, Dh) + p["b_Q"])          # [B, T, H, Dh]
     k = (qkv[:, H * Dh:2 * H * Dh].reshape(B, T, H, Dh) + p["b_K"])
     v = (qkv[:, 2 * H * Dh:].reshape(B, T, H, Dh) + p["b_V"])
-    slow = hooks is not None or record is not None or mask is not None
-    if slow:
-        q = _run_hook(hooks, record, prefix + "hook_q", q)
-        k = _run_hook(hooks, record, prefix + "hook_k", k)
-        v = _run_hook(hooks, record, prefix + "hook_v", v)
-        z, pattern = attention_core_forward_np(q, k, v, causal, mask, hooks, record, prefix)
-        z = _run_hook(hooks, record, prefix + "hook_z", z)
+    if hooks is not None or record is not None or core is None:
+        core = NUMPY_CORE
+        q = run_hook(hooks, record, prefix + "hook_q", q)
+        k = run_hook(hooks, record, prefix + "hook_k", k)
+        v = run_hook(hooks, record, prefix + "hook_v", v)
+        z, pattern = attention_core_forward(q, k, v, causal, hooks, record, prefix)
+        z = run_hook(hooks, record, prefix + "hook_z", z)
     else:
-        z, pattern = attention_core_forward(q, k, v, causal)
+        z, pattern = core.forward(q, k, v, causal)
     W_O2 = p["W_O"].reshape(H * Dh, D)
     out = (z.reshape(B * T, H * Dh) @ W_O2 + p["b_O"]).reshape(B, T, D)
-    return out, (x2, W_qkv, q, k, v, z, pattern, (B, T, D, H, Dh))
+    return out, (x2, W_qkv, q, k, v, z, pattern, core, (B, T, D, H, Dh))
 
 
 def attention_backward(dout, cache, p: dict) -> tuple[np.ndarray, dict]:
     # dout [B, T, D] -> dx [B, T, D], grads {W_Q, b_Q, W_K, b_K, W_V, b_V, W_O, b_O}
-    x2, W_qkv, q, k, v, z, pattern, (B, T, D, H, Dh) = cache
+    x2, W_qkv, q, k, v, z, pattern, core, (B, T, D, H, Dh) = cache
     dout2 = dout.reshape(B * T, D)
     g = {}
     # inverts: out = z W_O + b_O
@@ -512,7 +376,7 @@ def attention_backward(dout, cache, p: dict) -> tuple[np.ndarray, dict]:
     g["W_O"] = (z.reshape(B * T, H * Dh).T @ dout2).reshape(H, Dh, D)
     dz = (dout2 @ p["W_O"].reshape(H * Dh, D).T).reshape(B, T, H, Dh)
     # inverts: z, pattern = attention core(q, k, v)
-    dq, dk, dv = attention_core_backward(dz, q, k, v, pattern)
+    dq, dk, dv = core.backward(dz, q, k, v, pattern)
     # inverts: q = x W_Q + b_Q (and k, v): one GEMM each way on the stacked [N, 3*H*Dh]
     dqkv = np.concatenate([dq.reshape(B * T, H * Dh), dk.reshape(B * T, H * Dh),
                            dv.reshape(B * T, H * Dh)], axis=1)

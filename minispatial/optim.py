@@ -27,117 +27,78 @@ def decayed(name: str, decay_embeddings: bool) -> bool:
     return leaf in _MATRICES or (decay_embeddings and leaf in _EMBEDDINGS)
 
 
-def adamw_init(params: dict) -> dict:
-    """Optimizer state: first and second moments (zeros like each param) and the step count t.
-    Also `flatten`s params and moments (one array each, the dicts hold views of it)."""
-    state = {"t": 0,
-             "m": {n: np.zeros_like(p) for n, p in params.items()},
-             "v": {n: np.zeros_like(p) for n, p in params.items()}}
-    flatten(params, state)
-    return state
-
-
-def flatten(params: dict, state: dict) -> None:
-    """Move every parameter and both moments into one flat array each: the dict entries become
-    views of it (same shapes, same values), so that the numba backend's AdamW updates all
-    tensors in one kernel call per step instead of one per tensor, with bitwise the same results.
-    `adamw_init` calls it; so does the trainer after loading a checkpoint. A no-op if the tensors
-    do not share one dtype. If an entry is later replaced by another array, `adamw_step` notices
-    and updates tensor by tensor."""
-    names = list(params)
-    arrays = [d[n] for d in (params, state["m"], state["v"]) for n in names]
-    if not names or len({a.dtype for a in arrays}) != 1:
-        return
-    ends = np.cumsum([params[n].size for n in names])
-    flat = {"names": names, "ends": ends,
-            "decayed": {de: np.array([decayed(n, de) for n in names]) for de in (False, True)},
-            "g": np.empty(int(ends[-1]), dtype=arrays[0].dtype)}
-    for key, d in (("p", params), ("m", state["m"]), ("v", state["v"])):
-        buf = np.empty(int(ends[-1]), dtype=arrays[0].dtype)
-        for n, e in zip(names, ends):
-            shape = d[n].shape
-            buf[e - d[n].size:e] = d[n].reshape(-1)
-            d[n] = buf[e - d[n].size:e].reshape(shape)
-        flat[key] = buf
-    flat["views"] = [(params[n], state["m"][n], state["v"][n]) for n in names]
-    state["flat"] = flat
-
-
-def _flat_views(params: dict, state: dict, grads: dict):
-    # -> state["flat"] if params and moments are still its views (and grads match them), else None
-    flat = state.get("flat")
-    if flat is None or len(params) != len(flat["names"]):
-        return None
-    m, v = state["m"], state["v"]
-    for n, (pv, mv, vv) in zip(flat["names"], flat["views"]):
-        g = grads.get(n)
-        if (params.get(n) is not pv or m.get(n) is not mv or v.get(n) is not vv
-                or not isinstance(g, (np.ndarray, np.generic)) or g.shape != pv.shape or g.dtype != pv.dtype):
-            return None
-    return flat
-
-
-def _check_grads(params: dict, grads: dict, state: dict) -> None:
-    # every parameter has a gradient and both moments of its own shape and dtype; raises before
-    # adamw_step changes anything
-    for n, p in params.items():
-        for what, a in (("gradient", grads.get(n)), ("first moment", state["m"].get(n)),
-                        ("second moment", state["v"].get(n))):
-            ok = isinstance(a, (np.ndarray, np.generic))          # (a 0-d gradient may be a NumPy scalar)
-            if not ok or a.shape != p.shape or a.dtype != p.dtype:
-                got = f"shape {a.shape} dtype {a.dtype}" if ok else ("missing" if a is None else type(a).__name__)
-                raise ValueError(f"adamw_step: the {what} of {n} is {got}; expected the parameter's "
-                                 f"shape {p.shape} dtype {p.dtype}")
-
-
-def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, beta2: float,
-               eps: float, weight_decay: float, decay_embeddings: bool = False) -> None:
-    """One AdamW update of every parameter, in place (params and state).
-
-    The NumPy lines below are the reference; with the "numba" backend, kernels.adamw_update does
-    the same operations in one pass per tensor (bitwise the same results, tests/test_optim.py),
-    and over all tensors in one call (kernels.adamw_update_flat) when they are `flatten`ed."""
-    fused = _use_kernels()
-    flat = _flat_views(params, state, grads) if fused else None
-    if flat is None:
-        _check_grads(params, grads, state)
-    state["t"] += 1
-    t = state["t"]
-    bc1 = 1.0 - beta1 ** t
-    bc2 = 1.0 - beta2 ** t
-    if flat is not None:
-        g = flat["g"]
-        np.concatenate([grads[n].reshape(-1) for n in flat["names"]], out=g)
-        decays = np.where(flat["decayed"][decay_embeddings], 1.0 - lr * weight_decay, 1.0) if weight_decay \
-            else np.ones(len(flat["names"]))
-        consts = fused.adamw_constants(g.dtype, beta1, beta2, math.sqrt(bc2), eps, lr / bc1)
-        fused.adamw_update_flat(flat["p"], g, flat["m"], flat["v"], flat["ends"], decays, consts)
-        return
-    consts = {}                                        # per dtype, for the kernel
-    for n, p in params.items():
-        g = grads[n]
-        m, v = state["m"][n], state["v"][n]
-        decay = 1.0 - lr * weight_decay if (weight_decay and decayed(n, decay_embeddings)) else 1.0
-        if fused:
-            if p.dtype not in consts:
-                consts[p.dtype] = fused.adamw_constants(p.dtype, beta1, beta2, math.sqrt(bc2), eps, lr / bc1)
-            fused.adamw_update(p, g, m, v, decay, consts[p.dtype])
-            continue
+def adamw_update(p, g, m, v, ends, decays, beta1: float, beta2: float, eps: float, lr_bc1: float,
+                 sqrt_bc2: float) -> None:
+    # p, g, m, v [N]: every tensor one after the other (tensor s ends at ends[s], has decays[s])
+    #   -> p, m, v updated in place (the formula in the module docstring, t folded into lr_bc1 =
+    #   lr / (1 - b1^t) and sqrt_bc2 = sqrt(1 - b2^t)); fast/adamw.py does the same in one pass
+    start = 0
+    for end, decay in zip(ends, decays):
         if decay != 1.0:
-            p *= p.dtype.type(decay)
-        m *= beta1
-        m += (1.0 - beta1) * g
-        v *= beta2
-        v += (1.0 - beta2) * (g * g)
-        denom = np.sqrt(v) / math.sqrt(bc2) + eps
-        p -= (lr / bc1) * m / denom
+            p[start:end] *= p.dtype.type(decay)
+        start = end
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    p -= lr_bc1 * m / (np.sqrt(v) / sqrt_bc2 + eps)
 
 
-def _use_kernels():
-    # -> the kernels module when the backend is "numba", else None (the NumPy lines run)
-    from minispatial import ops
+class AdamW:
+    """AdamW over one flat buffer it owns: the parameters, both moments and the gradient are each
+    one array, and `params`, `m`, `v` are dicts of views into them ({name: array of the param's
+    shape}); the model reads and the trainer clamps `opt.params`. The caller's dict is copied,
+    never changed. `update` is `adamw_update` above or another implementation of the same
+    operations (minispatial/fast/adamw.py)."""
 
-    return ops._kernels() if ops.get_backend() == "numba" else None
+    def __init__(self, params: dict, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 decay_embeddings: bool = False, update=adamw_update):
+        dtypes = {np.asarray(a).dtype for a in params.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"AdamW: the parameters have several dtypes {sorted(map(str, dtypes))}: "
+                             "one is needed for one flat buffer")
+        self.names = list(params)
+        self.shapes = [np.shape(params[n]) for n in self.names]
+        self.ends = np.cumsum([int(np.prod(s, dtype=np.int64)) for s in self.shapes], dtype=np.int64)
+        self.decayed = np.array([decayed(n, decay_embeddings) for n in self.names])
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.update = update
+        dt = dtypes.pop()
+        self.flat_p = np.concatenate([np.asarray(params[n], dtype=dt).reshape(-1) for n in self.names])
+        self.flat_m, self.flat_v = np.zeros_like(self.flat_p), np.zeros_like(self.flat_p)
+        self.flat_g = np.empty_like(self.flat_p)
+        self.params, self.m, self.v = (self._views(a) for a in (self.flat_p, self.flat_m, self.flat_v))
+        self.t = 0
+
+    def _views(self, flat: np.ndarray) -> dict:
+        starts = np.concatenate([[0], self.ends[:-1]])
+        return {n: flat[a:b].reshape(s) for n, s, a, b in zip(self.names, self.shapes, starts, self.ends)}
+
+    def load(self, m: dict, v: dict, t: int) -> None:
+        """Restore the moments and the step count (from a validated checkpoint)."""
+        for src, dst in ((m, self.m), (v, self.v)):
+            for n in self.names:
+                dst[n][...] = src[n]
+        self.t = int(t)
+
+    def step(self, grads: dict, lr: float) -> None:
+        """One AdamW update of every parameter with `grads` {name: array of the param's shape}.
+        Every gradient is checked before anything changes."""
+        for n, s in zip(self.names, self.shapes):
+            g = grads.get(n)
+            if not isinstance(g, (np.ndarray, np.generic)) or g.shape != s or g.dtype != self.flat_p.dtype:
+                got = f"shape {g.shape} dtype {g.dtype}" if isinstance(g, (np.ndarray, np.generic)) else \
+                    ("missing" if g is None else type(g).__name__)
+                raise ValueError(f"AdamW.step: the gradient of {n} is {got}; expected the parameter's "
+                                 f"shape {s} dtype {self.flat_p.dtype}")
+        np.concatenate([grads[n].reshape(-1) for n in self.names], out=self.flat_g)
+        self.t += 1
+        bc1 = 1.0 - self.beta1 ** self.t
+        bc2 = 1.0 - self.beta2 ** self.t
+        decays = (np.where(self.decayed, 1.0 - lr * self.weight_decay, 1.0) if self.weight_decay
+                  else np.ones(len(self.names)))
+        self.update(self.flat_p, self.flat_g, self.flat_m, self.flat_v, self.ends, decays,
+                    self.beta1, self.beta2, self.eps, lr / bc1, math.sqrt(bc2))
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int, schedule: str, min_lr_frac: float) -> float:
@@ -154,21 +115,16 @@ def lr_at(step: int, lr: float, warmup: int, steps: int, schedule: str, min_lr_f
 
 def global_norm(grads: dict) -> float:
     """sqrt(sum of every gradient entry squared), summed in float64."""
-    fused = _use_kernels()
-    if fused:
-        return math.sqrt(sum(fused.sum_squares(g) for g in grads.values()))
     return math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
 
 
-def clip_grads(grads: dict, max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most max_norm (0 = off); return the norm
-    before clipping."""
-    norm = global_norm(grads)
+def clip_grads(grads: dict, max_norm: float, norm: float) -> None:
+    """Scale all gradients so their global L2 norm `norm` (from global_norm) is at most max_norm
+    (0 = off)."""
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
             g *= g.dtype.type(scale)
-    return norm
 
 
 def clamp_logit_scale(params: dict) -> None:

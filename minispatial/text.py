@@ -1,4 +1,4 @@
-"""Word-level tokenizer and caption templates of the 1D testbed (PAPER.md §2).
+"""Word-level tokenizer and caption templates of the 1D testbed (docs/paper.md §2).
 
 The vocabulary is fixed and tiny, so every id can be read off by hand:
 

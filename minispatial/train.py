@@ -1,7 +1,13 @@
 """The trainer, top to bottom: config -> testbed -> params -> (batch, loss, grads, AdamW)* -> eval.
 
     minispatial train [--preset paper-left] [--config FILE.json] [--key value ...] --out DIR
+                      [--step fast|reference]
     minispatial train --resume DIR     (continues DIR in place; a finished run is not retrained)
+
+One step, read top to bottom in `_train`: draw the batch of (seed, step), `loss_and_grads` (the
+model's forward and hand-written backward), the global gradient norm (and clipping), the learning
+rate of the schedule, one AdamW update, the logit-scale clamp. Which implementation of the step
+runs is chosen once, in `train` (minispatial/step.py: the NumPy reference or the fast one).
 
 Files in DIR:
     config.json      the fully resolved RunConfig
@@ -24,171 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:          # not POSIX: run directories are not locked
-    fcntl = None
-
 from minispatial import config as config_mod
-from minispatial import ops
+from minispatial.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_atomic
 from minispatial.data import make_testbed, sample_batch
-from minispatial.model import check_params, check_run_memory, init_params, loss_and_grads
-from minispatial.optim import adamw_init, adamw_step, clamp_logit_scale, clip_grads, flatten, lr_at
-
-CHECKPOINT = "checkpoint.npz"
-LOCK_FILE = ".minispatial.lock"
-FORMAT_VERSION = 1
-RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "summary.json")
-
-
-class TrainingError(RuntimeError):
-    """Training stopped (a NaN loss, a bad run directory, a file that cannot be written): the
-    message says why. `exit_code`: 1 for a failed run, 2 for a bad input (a checkpoint or
-    metrics.jsonl to resume)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints: one .npz holding params, optimizer moments, step and the config as JSON
-
-def save_checkpoint(path: Path, cfg, params: dict, opt: dict, step: int) -> None:
-    """Write atomically: a temporary file in the same directory, fsynced, then renamed over."""
-    arrays = {"meta/format": np.array(FORMAT_VERSION), "meta/step": np.array(step),
-              "meta/t": np.array(opt["t"]), "meta/config": np.array(config_mod.to_json(cfg))}
-    for n, p in params.items():
-        arrays[f"param/{n}"] = p
-        arrays[f"adam_m/{n}"] = opt["m"][n]
-        arrays[f"adam_v/{n}"] = opt["v"][n]
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:                    # a failed write (disk full, Ctrl-C): no torn .tmp left
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")     # an .npz is a zip archive
-META = ("meta/format", "meta/step", "meta/t", "meta/config")
-MOMENTS = ("adam_m", "adam_v")
-
-
-def load_checkpoint(path):
-    """-> (cfg: RunConfig, params, opt_state, step). ValueError naming the file and the entry on a
-    missing, corrupt or inconsistent file: every entry is validated (`validate_checkpoint`) before
-    any of it is used."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({e.strerror})") from None
-    if head not in ZIP_SIGNATURES:
-        raise ValueError(f"{path} is not a minispatial checkpoint: not an .npz (zip) archive, as "
-                         f"`minispatial train` writes")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError, ValueError ...
-        why = ("it holds pickled Python objects, which a minispatial checkpoint never does"
-               if "pickle" in str(e) else f"{type(e).__name__}: {e}")
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({why})") from None
-    try:
-        cfg, step = validate_checkpoint(data)
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path} is not a valid minispatial checkpoint: {e}") from None
-    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
-    opt = {"t": int(data["meta/t"]),
-           "m": {n: data[f"adam_m/{n}"] for n in params},
-           "v": {n: data[f"adam_v/{n}"] for n in params}}
-    return cfg, params, opt, step
-
-
-def _describe(a: np.ndarray) -> str:
-    return f"{a.dtype} {'scalar' if a.shape == () else f'of shape {a.shape}'}"
-
-
-def _int_entry(data: dict, key: str) -> int:
-    a = data.get(key)
-    if a is None:
-        raise ValueError(f"{key} is missing")
-    if a.shape != () or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{key} is {_describe(a)} {a.ravel()[:3].tolist()}: expected an integer scalar")
-    return int(a)
-
-
-def validate_checkpoint(data: dict) -> tuple:
-    """The arrays of a checkpoint file {name: array} -> (cfg, step); ValueError naming the entry:
-    meta/format, meta/config (a JSON object, a valid config), meta/step in [0, train.steps],
-    meta/t == meta/step (AdamW counts one update per step), exactly param/X, adam_m/X, adam_v/X for
-    each parameter X of the config's model, each of the parameter's shape and dtype, all finite,
-    adam_v >= 0, and nothing else."""
-    unknown = sorted(k for k in data if k not in META and k.split("/", 1)[0] not in ("param", *MOMENTS))
-    if unknown:
-        raise ValueError(f"unexpected entries {unknown[:5]}")
-    fmt = _int_entry(data, "meta/format")
-    if fmt != FORMAT_VERSION:
-        raise ValueError(f"meta/format is {fmt}: this version reads format {FORMAT_VERSION}")
-    c = data.get("meta/config")
-    if c is None:
-        raise ValueError("meta/config is missing")
-    if c.shape != () or c.dtype.kind != "U":
-        raise ValueError(f"meta/config is {_describe(c)}: expected a JSON string")
-    try:
-        d = json.loads(str(c))
-    except ValueError as e:
-        raise ValueError(f"meta/config is not JSON ({e})") from None
-    try:
-        cfg = config_mod.from_dict(d)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"meta/config: {e}") from None
-    step, t = _int_entry(data, "meta/step"), _int_entry(data, "meta/t")
-    if not 0 <= step <= cfg.train.steps:
-        raise ValueError(f"meta/step is {step}: must be in [0, {cfg.train.steps}] (train.steps of its config)")
-    if t != step:
-        raise ValueError(f"meta/t (the AdamW step count) is {t}: must equal meta/step = {step} "
-                         f"(one AdamW update per training step)")
-    params = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
-    check_params(params, cfg.model)
-    for kind in MOMENTS:
-        names = {k[len(kind) + 1:] for k in data if k.startswith(kind + "/")}
-        missing, extra = [n for n in params if n not in names], sorted(names - set(params))
-        if missing or extra:
-            raise ValueError(f"the {kind} entries do not match the params: missing "
-                             f"{[f'{kind}/{n}' for n in missing][:5]}, unexpected {[f'{kind}/{n}' for n in extra][:5]}")
-        for n, p in params.items():
-            a = data[f"{kind}/{n}"]
-            if a.shape != p.shape or a.dtype != p.dtype:
-                raise ValueError(f"{kind}/{n} is {_describe(a)}: expected its param's {_describe(p)}")
-    for kind in ("param", *MOMENTS):
-        for n in params:
-            a = data[f"{kind}/{n}"]
-            finite = np.isfinite(a)
-            if not finite.all():
-                bad = a[~finite]
-                raise ValueError(f"{kind}/{n} holds {int(np.isnan(bad).sum())} nan and "
-                                 f"{int(np.isinf(bad).sum())} inf values")
-            if kind == "adam_v" and (a < 0).any():
-                raise ValueError(f"adam_v/{n} holds negative values (a second moment is >= 0)")
-    return cfg, step
+from minispatial.evaluate import evaluate_all
+from minispatial.model import check_run_memory, init_params
+from minispatial.optim import AdamW, clamp_logit_scale, clip_grads, lr_at
+from minispatial.reporting import clean_json
+from minispatial.rundir import (TrainingError, cannot_write, on_disk, prepare_out_dir, read_metrics,
+                                unlock_run_dir)
+from minispatial.step import STEPS, Step, choose
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,181 +82,6 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------
-# the run directory: one writer at a time, outputs written whole
-
-def _busy(out: Path) -> str:
-    return (f"another process is writing to {out} (it holds the lock {out / LOCK_FILE}): wait for it "
-            f"to finish or stop it first")
-
-
-def lock_run_dir(out: Path) -> int:
-    """Take the exclusive flock on out/LOCK_FILE (created if needed) without waiting; -> its file
-    descriptor, for `unlock_run_dir`. TrainingError if another process holds it. The kernel
-    releases the lock when the process ends in any way (kill -9 too); a lock file left behind by a
-    dead process is simply locked again. Where the file system has no locks (ENOLCK on some
-    network file systems) or the OS no flock, the run goes on unlocked, as `minispatial sweep` does."""
-    path = out / LOCK_FILE
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TrainingError(f"cannot create the lock file {path}: {e.strerror}") from None
-        if fcntl is None:
-            return fd
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise TrainingError(_busy(out)) from None
-        except OSError:
-            return fd                          # no locks here: go on without
-        try:                                   # the holder before us may have removed the file
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def unlock_run_dir(out: Path, fd: int) -> None:
-    """Remove the lock file (while still holding it), then release the lock."""
-    try:
-        (out / LOCK_FILE).unlink()
-    except OSError:
-        pass
-    os.close(fd)
-
-
-def _locked_by_another(out: Path) -> bool:
-    # probe without creating anything: is out/LOCK_FILE there and held?
-    if fcntl is None:
-        return False
-    try:
-        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> int:
-    """Check `out`, create and lock it (`lock_run_dir`), and for --overwrite remove the files of
-    the run it held; -> the lock's file descriptor. TrainingError, with nothing touched, if `out`
-    cannot be used."""
-    if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise TrainingError(f"--resume {out}: no {CHECKPOINT} there to resume from", exit_code=2)
-        return lock_run_dir(out)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} exists and is not a directory")
-    try:
-        used = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
-    except OSError as e:
-        raise TrainingError(f"--out {out} cannot be read ({e.strerror})") from None
-    if used:
-        if _locked_by_another(out):
-            raise TrainingError(_busy(out))
-        if not overwrite:
-            raise TrainingError(f"--out {out} exists and is not empty: pass --overwrite to replace "
-                                f"it or --resume to continue it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
-    fd = lock_run_dir(out)
-    try:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    except OSError as e:
-        unlock_run_dir(out, fd)
-        raise TrainingError(f"--overwrite {out}: cannot remove {e.filename} ({e.strerror})") from None
-    return fd
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """path.write_text(text), but through a temporary file renamed over it: never half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def on_disk(out: Path) -> str:
-    """What a stopped run has kept in `out` and how to go on, read from the disk (so it is true
-    whenever the run stopped: before its first checkpoint, between two, or after its last)."""
-    ckpt = out / CHECKPOINT
-    try:
-        with np.load(ckpt, allow_pickle=False) as z:
-            step = int(z["meta/step"])
-            steps = int(json.loads(str(z["meta/config"]))["train"]["steps"])
-    except Exception:      # no checkpoint (or none we can read: then there is nothing to resume)
-        step = steps = None
-    q = shlex.quote
-    if step is None:
-        again = (f"minispatial train --config {q(str(out / 'config.json'))} --out {q(str(out))} --overwrite"
-                 if (out / "config.json").is_file() else "the same command and --overwrite")
-        return f"no checkpoint has been written yet, so there is nothing to resume; start again with: {again}"
-    if step < steps:
-        return (f"the checkpoint of step {step} is kept in {ckpt}; continue with: "
-                f"minispatial train --resume {q(str(out))}")
-    if (out / "summary.json").is_file():
-        return f"the run is complete (step {step}): its checkpoint and summary.json are in {out}"
-    return (f"training is complete: the final checkpoint (step {step}) is saved in {ckpt}, but the final "
-            f"evaluation did not finish (no summary.json); `minispatial eval {q(str(out))}` prints its "
-            f"metrics, `minispatial train --resume {q(str(out))}` evaluates it and writes summary.json")
-
-
-def _cannot_write(path: Path, e: OSError, out: Path) -> TrainingError:
-    return TrainingError(f"cannot write {path}: {e.strerror or e}; {on_disk(out)}")
-
-
-def read_metrics(mpath: Path, upto: int) -> list[str]:
-    """The lines of metrics.jsonl to keep on resuming from the checkpoint of step `upto`: those
-    with step <= upto. A torn tail (a last line without its newline, as a crash or a full disk
-    leaves it) and blank lines are dropped; any other unreadable line is a TrainingError (exit 2)
-    naming the file and the line."""
-    if not mpath.exists():
-        return []
-    try:
-        text = mpath.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise TrainingError(f"cannot read {mpath}: {e.strerror}", exit_code=2) from None
-    lines = text.split("\n")
-    lines.pop()                  # "" after the last newline, or a torn last line
-
-    def bad(i, why):
-        return TrainingError(f"{mpath} line {i}: {why}; fix or delete that line (the checkpoint does "
-                             f"not depend on it) and resume again", exit_code=2)
-
-    keep = []
-    for i, ln in enumerate(lines, 1):
-        if not ln.strip(" \t\r\x00"):
-            continue
-        try:
-            rec = json.loads(ln)
-        except ValueError as e:
-            raise bad(i, f"not JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise bad(i, f"not a JSON object but {ln[:40]!r}")
-        step = rec.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise bad(i, f"its step is {step!r}, not an integer")
-        if step <= upto:
-            keep.append(ln)
-    return keep
-
-
-# --------------------------------------------------------------------------------------------
 # the training run
 
 def _stopped(out: Path, last_saved: int, tc) -> str:
@@ -430,10 +112,12 @@ def check_batch(cfg, testbed) -> None:
                             + config_mod.BATCH_WHY, exit_code=2)
 
 
-def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
-          verbose: bool = True) -> dict:
+def train(cfg, out, *, step: str = "fast", resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, verbose: bool = True) -> dict:
     """Train one dual encoder; return the summary (also written to out/summary.json).
 
+    `step` "fast" (default) or "reference": which implementation of the same training step runs
+    (minispatial/step.py); both give the same sums up to float rounding.
     `stop_after=k` stops (with a checkpoint) after k steps of this invocation, to test resuming.
     Resuming a run that is already complete trains nothing: it returns the run's summary (read
     from summary.json, or evaluated and written if it is missing) with "already_complete": True
@@ -449,9 +133,12 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
         check_run_memory(cfg.data, cfg.model, cfg.train.batch_size)
         testbed = make_testbed(cfg.data)
         check_batch(cfg, testbed)
+    # The step: the reference (model.py + optim.py, plain NumPy) or the fast one (minispatial/fast/:
+    # the same sums, less work). Everything below calls it through `step`.
+    impl = choose(step) if isinstance(step, str) else step
     lock = prepare_out_dir(out, resume, overwrite)
     try:
-        return _train(cfg, out, testbed, resume, stop_after, verbose)
+        return _train(cfg, out, impl, testbed, resume, stop_after, verbose)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(on_disk(out)) from None
     except SystemError as e:
@@ -463,32 +150,35 @@ def train(cfg, out, *, resume: bool = False, overwrite: bool = False, stop_after
         unlock_run_dir(out, lock)
 
 
-def _train(cfg, out: Path, testbed, resume: bool, stop_after: int | None, verbose: bool) -> dict:
+def _train(cfg, out: Path, impl: Step, testbed, resume: bool, stop_after: int | None,
+           verbose: bool) -> dict:
     # train() with `out` prepared and locked
     # 1. state: fresh, or from the checkpoint (whose config wins)
     if resume:
         try:
-            cfg, params, opt, start = load_checkpoint(out / CHECKPOINT)
+            cfg, params, saved, start = load_checkpoint(out / CHECKPOINT)
         except ValueError as e:
             raise TrainingError(str(e), exit_code=2) from None
         testbed = make_testbed(cfg.data)
         if start == cfg.train.steps:
-            return _already_complete(cfg, out, params, testbed)
+            return _already_complete(cfg, out, impl, params, testbed)
         check_batch(cfg, testbed)
-        flatten(params, opt)                                     # as adamw_init does
     else:
         params = init_params(cfg.model, cfg.train.seed)
-        opt = adamw_init(params)
         start = 0
         try:
             write_atomic(out / "config.json", config_mod.to_json(cfg) + "\n")
         except OSError as e:
-            raise _cannot_write(out / "config.json", e, out) from None
+            raise cannot_write(out / "config.json", e, out) from None
     tc, mc = cfg.train, cfg.model
+    opt = AdamW(params, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
+                decay_embeddings=tc.decay_embeddings, update=impl.adamw_update)
+    if resume:
+        opt.load(saved["m"], saved["v"], saved["t"])
+    params = opt.params                      # views into the optimizer's flat buffer
 
     # 2. data
     split = testbed.splits["train"]
-    dt = np.dtype(mc.dtype)
 
     # 3. metrics log (on resume, drop lines past the checkpoint so the log matches a clean run)
     mpath = out / "metrics.jsonl"
@@ -497,7 +187,7 @@ def _train(cfg, out: Path, testbed, resume: bool, stop_after: int | None, verbos
         write_atomic(mpath, "".join(ln + "\n" for ln in lines))
         mlog = open(mpath, "a")
     except OSError as e:
-        raise _cannot_write(mpath, e, out) from None
+        raise cannot_write(mpath, e, out) from None
 
     # 4. the loop
     progress = Progress(tc.steps, verbose)
@@ -509,15 +199,15 @@ def _train(cfg, out: Path, testbed, resume: bool, stop_after: int | None, verbos
         for step in range(start, stop):
             rng = np.random.default_rng([tc.seed, step])            # batch from (seed, step)
             idx = sample_batch(split, tc.batch_size, rng)
-            loss, grads = loss_and_grads(params, split.images[idx], split.tokens[idx],
-                                         split.eot[idx], mc)
-            gnorm = clip_grads(grads, tc.grad_clip)
+            loss, grads = impl.loss_and_grads(params, split.images[idx], split.tokens[idx],
+                                              split.eot[idx], mc)
+            gnorm = impl.global_norm(grads)
+            clip_grads(grads, tc.grad_clip, gnorm)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 raise TrainingError(f"loss is {loss} (gradient norm {gnorm}) at step {step + 1}; "
                                     + _stopped(out, last_saved, tc))
             lr = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.schedule, tc.min_lr_frac)
-            adamw_step(params, grads, opt, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay,
-                       tc.decay_embeddings)
+            opt.step(grads, lr)
             clamp_logit_scale(params)
             n_last += len(idx)
             done = step + 1
@@ -531,7 +221,7 @@ def _train(cfg, out: Path, testbed, resume: bool, stop_after: int | None, verbos
                     mlog.write(json.dumps(rec) + "\n")
                     mlog.flush()
                 except OSError as e:
-                    raise _cannot_write(mpath, e, out) from None
+                    raise cannot_write(mpath, e, out) from None
                 progress.update(step, loss, sps, force=True)
                 t_last, n_last = now, 0
             else:
@@ -556,31 +246,29 @@ def _train(cfg, out: Path, testbed, resume: bool, stop_after: int | None, verbos
         return {"step": stop, "stopped_early": True}
 
     # 5. evaluation -> summary.json
-    return _evaluate(cfg, out, params, testbed)
+    return _evaluate(cfg, out, impl, params, testbed)
 
 
-def _save(out: Path, cfg, params: dict, opt: dict, step: int) -> None:
+def _save(out: Path, cfg, params: dict, opt: AdamW, step: int) -> None:
     # save_checkpoint, a failed write (disk full) a TrainingError: the previous checkpoint is intact
     try:
-        save_checkpoint(out / CHECKPOINT, cfg, params, opt, step)
+        save_checkpoint(out / CHECKPOINT, cfg, params, {"t": opt.t, "m": opt.m, "v": opt.v}, step)
     except OSError as e:
-        raise _cannot_write(out / CHECKPOINT, e, out) from None
+        raise cannot_write(out / CHECKPOINT, e, out) from None
 
 
-def _evaluate(cfg, out: Path, params: dict, testbed) -> dict:
+def _evaluate(cfg, out: Path, impl: Step, params: dict, testbed) -> dict:
     # the final evaluation -> summary, written to out/summary.json
-    from minispatial.evaluate import evaluate_all
-
-    summary = {"step": cfg.train.steps, "backend": ops.get_backend(), "dtype": cfg.model.dtype}
-    summary.update(evaluate_all(params, testbed, cfg.model))
+    summary = {"step": cfg.train.steps, "backend": impl.backend, "dtype": cfg.model.dtype}
+    summary.update(evaluate_all(params, testbed, cfg.model, impl.encoders))
     try:
-        write_atomic(out / "summary.json", json.dumps(strict_json(summary), indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "summary.json", json.dumps(clean_json(summary), indent=2, sort_keys=True) + "\n")
     except OSError as e:
-        raise _cannot_write(out / "summary.json", e, out) from None
+        raise cannot_write(out / "summary.json", e, out) from None
     return summary
 
 
-def _already_complete(cfg, out: Path, params: dict, testbed) -> dict:
+def _already_complete(cfg, out: Path, impl: Step, params: dict, testbed) -> dict:
     # resuming a finished run: its summary.json, or (if missing or unreadable) a new evaluation
     try:
         summary = json.loads((out / "summary.json").read_text())
@@ -589,13 +277,8 @@ def _already_complete(cfg, out: Path, params: dict, testbed) -> dict:
         summary = {k: (math.nan if v is None else v) for k, v in summary.items()}
         evaluated = False
     except (OSError, ValueError):
-        summary, evaluated = _evaluate(cfg, out, params, testbed), True
+        summary, evaluated = _evaluate(cfg, out, impl, params, testbed), True
     return {**summary, "already_complete": "evaluated" if evaluated else True}
-
-
-def strict_json(summary: dict) -> dict:
-    """NaN (a metric undefined on an empty split) -> None, so the JSON is strict (null)."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, in place "
                                                    "(no --out); a finished run is not retrained")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--stop-after", type=int, default=None, metavar="K",
+    p.add_argument("--step", default="fast", choices=STEPS,
+                   help="the training step: fast (default, minispatial/fast/) or reference (plain NumPy)")
+    p.add_argument("--stop_after", "--stop-after", type=int, default=None, metavar="K",
                    help="stop (with a checkpoint) after K >= 1 steps of this invocation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
@@ -709,7 +394,7 @@ def _main(parser, args, rest) -> int:
         return 2
     try:
         t0 = time.perf_counter()
-        summary = train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite,
+        summary = train(cfg, out, step=args.step, resume=bool(args.resume), overwrite=args.overwrite,
                         stop_after=args.stop_after, verbose=not args.quiet)
     except TrainingError as e:
         print(f"\nminispatial train: error: {e}", file=sys.stderr)
@@ -727,7 +412,7 @@ def _main(parser, args, rest) -> int:
                    else "its metrics (summary.json):"))
         print(note, file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(strict_json(summary), indent=2, sort_keys=True))
+        print(json.dumps(clean_json(summary), indent=2, sort_keys=True))
     else:
         from minispatial.evaluate import format_table
 

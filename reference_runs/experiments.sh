@@ -4,22 +4,22 @@
 # reproduce these numbers whatever the package defaults become. Seeds 0-4, 2 worker processes.
 set -euo pipefail
 cd "$(dirname "$0")"
-CHOSEN=(--set init=clip --set embed_scale=none --set lr=0.001 --set weight_decay=0 --set steps=1500
-        --set batch_size=128)
+CHOSEN=(--init clip --embed_scale none --lr 0.001 --weight_decay 0 --steps 1500
+        --batch_size 128)
 sweep() { local name=$1; shift; minispatial sweep --seeds 0-4 --workers 2 --quiet --out "$name" "$@"; }
 
 # 1. label diversity: n_pair 5..15 at n_layout 20; unseen pairs with both labels held out (paper's
 #    default) and, as a variant, with one held out
-sweep label_diversity --grid n_pair=5,7,9,11,13,15 --grid unseen_mode=both,one --set n_layout=20 "${CHOSEN[@]}"
+sweep label_diversity --grid n_pair=5,7,9,11,13,15 --grid unseen_mode=both,one --n_layout 20 "${CHOSEN[@]}"
 
 # 2. layout diversity: n_layout 1..40 at n_pair 15 (high) and 5 (low)
 sweep layout_diversity --grid n_layout=1,2,5,10,20,40 --grid n_pair=5,15 "${CHOSEN[@]}"
 
 # 3. caption modes: left-only and left+right captions, 1- and 2-layer text towers
 sweep caption_modes --grid caption_mode=left,left+right --grid text_layers=1,2 --grid n_pair=5,15 \
-  --set n_layout=20 "${CHOSEN[@]}"
+  --n_layout 20 "${CHOSEN[@]}"
 
-# analysis (PAPER.md §6) on the label-diversity checkpoints: generalising (n_pair 15) vs not (5)
+# analysis (docs/paper.md §6) on the label-diversity checkpoints: generalising (n_pair 15) vs not (5)
 mkdir -p analysis
 for np in 15 5; do
   minispatial analyze label_diversity/runs/n_pair=${np}__unseen_mode=both__seed=* \

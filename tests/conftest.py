@@ -9,7 +9,7 @@ are prefixed by the area that owns them (ops_...), so test files cannot collide.
 
 import os
 
-# Tests are not benchmarks: with several OpenBLAS threads on this 2-core machine a small GEMM
+# Tests are not benchmarks: with several OpenBLAS threads on a 2-core machine a small GEMM
 # waits for busy cores (measured 25-50x slower). Must be set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

@@ -148,7 +148,7 @@ def test_precedence_on_the_command_line(tmp_path):
                              "data": {**SMALL, "seed": 4}}))
     out = tmp_path / "run"
     rc = train_main(["--out", str(out), "--preset", "tiny", "--config", str(f), "--lr", "0.02",
-                     "--image_len", "7", "--stop-after", "1", "--quiet"])
+                     "--image_len", "7", "--stop_after", "1", "--step", "reference", "--quiet"])
     assert rc == 0
     cfg = from_dict(json.loads((out / "config.json").read_text()))
     assert cfg.train.steps == 9 and cfg.model.d_model == 16 and cfg.data.seed == 4   # file > preset
@@ -157,8 +157,8 @@ def test_precedence_on_the_command_line(tmp_path):
     assert cfg.model.d_head == 8 and cfg.train.log_every == 10                        # preset kept
     # a full config.json from a run, given back with --config, reproduces that run's config
     out2 = tmp_path / "run2"
-    assert train_main(["--out", str(out2), "--config", str(out / "config.json"), "--stop-after", "1",
-                       "--quiet"]) == 0
+    assert train_main(["--out", str(out2), "--config", str(out / "config.json"), "--stop_after", "1",
+                       "--step", "reference", "--quiet"]) == 0
     assert (out2 / "config.json").read_text() == (out / "config.json").read_text()
 
 
@@ -170,6 +170,21 @@ def test_cli_config_file_errors(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path / "r"), "--config", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_training_step_is_not_a_config_field(tmp_path):
+    # --step chooses how the same sums are computed, not what is trained: config.json (and so a
+    # checkpoint's meta/config) is the same for both steps, and "step" is no config key
+    assert "step" not in all_keys()
+    with pytest.raises(ValueError, match="step"):
+        make_config({"step": "fast"})
+    texts = []
+    for step in ("fast", "reference"):
+        out = tmp_path / step
+        assert train_main(["--out", str(out), "--preset", "tiny", "--stop_after", "1", "--step", step,
+                           "--quiet"]) == 0
+        texts.append((out / "config.json").read_text())
+    assert texts[0] == texts[1]
 
 
 @pytest.mark.parametrize("overrides", [{"data.seed": "5", "seed": "3"}, {"seed": "3", "data.seed": "5"},
@@ -185,7 +200,8 @@ def test_a_dotted_name_wins_over_seed_in_either_order(overrides):
 def test_a_dotted_name_wins_on_the_command_line(tmp_path):
     for i, order in enumerate((["--data.seed", "5", "--seed", "3"], ["--seed", "3", "--data.seed", "5"])):
         out = tmp_path / f"run{i}"
-        assert train_main(["--out", str(out), "--preset", "tiny", *order, "--stop-after", "1", "--quiet"]) == 0
+        assert train_main(["--out", str(out), "--preset", "tiny", *order, "--stop_after", "1", "--step",
+                           "reference", "--quiet"]) == 0
         cfg = from_dict(json.loads((out / "config.json").read_text()))
         assert (cfg.data.seed, cfg.train.seed) == (5, 3)
 

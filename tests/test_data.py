@@ -1,4 +1,4 @@
-"""The testbed: every split is checked against its definition in PAPER.md §2, over many configs.
+"""The testbed: every split is checked against its definition in docs/paper.md §2, over many configs.
 
 The checks decode images and parse captions here, independently of data.py's own helpers.
 """

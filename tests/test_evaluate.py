@@ -16,6 +16,7 @@ from minispatial.config import make_config
 from minispatial.data import SPLIT_NAMES, TestbedConfig, make_testbed, sample_batch
 from minispatial.model import ModelConfig, encode_images, encode_texts, init_params, loss_only
 from minispatial.text import FIRST_LABEL_ID, Tokenizer
+from support import tamper
 
 SMALL = dict(image_len=6, n_labels=8, n_heldout=3, n_pair=5, n_layout=5, n_single_layout=3,
              n_eval_layout=4)
@@ -346,16 +347,20 @@ def test_main_missing_and_corrupt_checkpoint(tmp_path, capsys):
     assert "minispatial eval: error:" in capsys.readouterr().err
 
 
-def test_main_on_a_real_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("step", ["fast", "reference"])
+def test_main_on_a_real_checkpoint(tmp_path, capsys, step):
+    # `eval --step S` of a run trained with `--step S` prints the trainer's own summary numbers
+    # (`eval` without --step encodes as the default training step does: fast)
     from minispatial.train import train
 
     cfg = make_config({"steps": 2, "n_labels": 8, "n_heldout": 3, "n_pair": 5, "image_len": 6,
                        "n_single_layout": 3, "n_layout": 5}, preset="tiny")
-    summary = train(cfg, tmp_path / "run", verbose=False)
-    assert ev.main([str(tmp_path / "run" / "checkpoint.npz")]) == 0
+    summary = train(cfg, tmp_path / "run", step=step, verbose=False)
+    flag = [] if step == "fast" else ["--step", step]
+    assert ev.main([str(tmp_path / "run" / "checkpoint.npz"), *flag]) == 0
     out = capsys.readouterr().out
     assert "val_unseen_pair" in out and "lr_acc" in out
-    assert ev.main([str(tmp_path / "run"), "--json"]) == 0
+    assert ev.main([str(tmp_path / "run"), "--json", *flag]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["step"] == 2
     for k, v in got.items():   # the same numbers as the trainer's summary (NaN -> null)
@@ -363,17 +368,10 @@ def test_main_on_a_real_checkpoint(tmp_path, capsys):
         assert (v is None and math.isnan(want)) or v == pytest.approx(want, rel=1e-12), k
 
 
-def _tampered_copy(src, dst, **changes):
-    """dst: the checkpoint src with arrays replaced (a value) or removed (None)."""
-    with np.load(src) as z:
-        data = {k: z[k] for k in z.files}
-    for k, v in changes.items():
-        if v is None:
-            data.pop(k)
-        else:
-            data[k] = v
-    np.savez(dst, **data)
-    return dst
+def test_main_refuses_an_unknown_step(capsys, ev_small_run):
+    assert ev.main([str(ev_small_run), "--step", "numba"]) == 2
+    err = capsys.readouterr().err
+    assert "--step" in err and "'fast'" in err and "'reference'" in err
 
 
 @pytest.fixture
@@ -382,7 +380,7 @@ def ev_small_run(tmp_path):
 
     cfg = make_config({"steps": 2, "n_labels": 8, "n_heldout": 3, "n_pair": 5, "image_len": 6,
                        "n_single_layout": 3, "n_layout": 5}, preset="tiny")
-    train(cfg, tmp_path / "run", verbose=False)
+    train(cfg, tmp_path / "run", step="reference", verbose=False)      # (any step: the file is tested)
     return tmp_path / "run" / "checkpoint.npz"
 
 
@@ -393,7 +391,7 @@ def test_main_refuses_a_non_finite_checkpoint(tmp_path, capsys, ev_small_run, te
     with np.load(ev_small_run) as z:
         bad = z[tensor].copy()
     bad.reshape(-1)[0] = value
-    path = _tampered_copy(ev_small_run, tmp_path / "nan.npz", **{tensor: bad})
+    path = tamper(ev_small_run, tmp_path / "nan.npz", **{tensor: bad})
     assert ev.main([str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -9,7 +9,8 @@ of the vision heads takes that away while label-set recognition survives.
 import numpy as np
 import pytest
 
-from minispatial import analysis, config
+from minispatial import config
+from minispatial.analysis import ablate
 from minispatial.data import make_testbed
 from minispatial.train import train
 
@@ -36,13 +37,13 @@ def test_high_label_diversity_generalises_to_unseen_pairs(generalising_runs):
 
 
 def test_removing_EP_breaks_left_right_but_not_label_sets(generalising_runs):
-    from minispatial.train import load_checkpoint
+    from minispatial.checkpoint import load_checkpoint
 
     drops, labelsets = [], []
     for cfg, d, summary in generalising_runs:
         _, params, _, _ = load_checkpoint(d)
-        m = analysis.evaluate_ablation(params, make_testbed(cfg.data), cfg.model,
-                                       analysis.parse_ablation("EP"))
+        m = ablate.evaluate_ablation(params, make_testbed(cfg.data), cfg.model,
+                                     ablate.parse_ablation("EP"))
         drops.append(summary["val_unseen_pair.lr_acc"] - m["val_unseen_pair.lr_acc"])
         labelsets.append(m["val_unseen_pair.labelset_acc"])
     assert np.mean(drops) > 0.2, drops      # recorded: 0.94 -> 0.58

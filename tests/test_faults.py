@@ -5,9 +5,10 @@ the exit code (2 bad arguments or input files, 1 a failed run, 130 Ctrl-C), a on
 is lost: the last checkpoint still loads and resuming it completes the run.
 
 The phases are reached by watching the run directory (a metrics line, checkpoint.npz, its step),
-never by a hook in the product. Each run uses the `tiny` preset (seconds); only the run under
-test is a subprocess, what sets it up or checks it afterwards runs in this process (`train.main`,
-`train.train`), which saves a second of start-up per run."""
+never by a hook in the product. Each run uses the `tiny` preset (seconds) and the default
+(fast) training step, as a user's command does; only the run under test is a subprocess, what
+sets it up or checks it afterwards runs in this process (`train.main`, `train.train`), which
+saves a second of start-up per run."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import numpy as np
 import pytest
 
 from minispatial import config, evaluate, train
-from minispatial.train import CHECKPOINT, load_checkpoint
+from minispatial.checkpoint import CHECKPOINT, load_checkpoint
+from minispatial.rundir import LOCK_FILE
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
 TINY = ["--preset", "tiny", "--quiet"]
@@ -109,7 +111,7 @@ def snapshot(d: Path) -> dict:
 
 def run_files(d: Path) -> dict:
     """What a reader of the run sees (the lock file aside)."""
-    return {k: v for k, v in snapshot(d).items() if k != train.LOCK_FILE}
+    return {k: v for k, v in snapshot(d).items() if k != LOCK_FILE}
 
 
 def suggested_command(line: str, after: str) -> list[str]:
@@ -161,7 +163,7 @@ def test_out_on_a_read_only_file_system(tmp_path):
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     d = tmp_path / "run"
-    assert train.main(["--out", str(d), *TINY, "--stop-after", "10"]) == 0
+    assert train.main(["--out", str(d), *TINY, "--stop_after", "10"]) == 0
     good = (d / CHECKPOINT).read_bytes()
     assert len(good) > 50_000
     p = cli("train", "--resume", d, "--quiet", preexec_fn=limit_file_size(50_000))
@@ -176,7 +178,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 
 def test_disk_full_while_logging_leaves_a_torn_line_that_resume_drops(tmp_path):
     d, straight = tmp_path / "run", tmp_path / "straight"
-    assert train.main(["--out", str(d), *TINY, "--stop-after", "10"]) == 0
+    assert train.main(["--out", str(d), *TINY, "--stop_after", "10"]) == 0
     size = (d / "metrics.jsonl").stat().st_size
     p = cli("train", "--resume", d, "--quiet", preexec_fn=limit_file_size(size + 40))
     message(p.returncode, p.stderr, 1, str(d / "metrics.jsonl"), "File too large", "step 10")
@@ -225,7 +227,7 @@ def test_sigint_before_the_first_checkpoint(tmp_path):
     line = message(rc, err, 130, "interrupted", "no checkpoint", "--overwrite")
     assert "step 0" not in line and not (d / CHECKPOINT).exists()
     # the advice: start again (here only 2 steps of it)
-    assert train.main([*suggested_command(line, "start again with:")[1:], "--stop-after", "2", "--quiet"]) == 0
+    assert train.main([*suggested_command(line, "start again with:")[1:], "--stop_after", "2", "--quiet"]) == 0
     cfg, _, _, step = load_checkpoint(d)
     assert step == 2 and cfg.train.steps == 100000 and cfg.train.log_every == 1
 
@@ -238,7 +240,7 @@ def test_sigint_after_a_checkpoint(tmp_path):
     rc, _, err = finish(proc)
     step = load_checkpoint(d)[3]
     line = message(rc, err, 130, "interrupted", f"step {step}", "--resume")
-    assert train.main([*suggested_command(line, "continue with:")[1:], "--stop-after", "3", "--quiet"]) == 0
+    assert train.main([*suggested_command(line, "continue with:")[1:], "--stop_after", "3", "--quiet"]) == 0
     assert load_checkpoint(d)[3] == step + 3
 
 
@@ -287,7 +289,7 @@ def test_a_second_writer_is_refused_and_touches_nothing(tmp_path):
     rc, _, err = finish(a)
     assert rc == 130, err
     step = load_checkpoint(d)[3]
-    assert train.main(["--resume", str(d), "--stop-after", "2", "--quiet"]) == 0   # the lock went with A
+    assert train.main(["--resume", str(d), "--stop_after", "2", "--quiet"]) == 0   # the lock went with A
     assert load_checkpoint(d)[3] == step + 2
 
 
@@ -306,7 +308,7 @@ def test_kill_9_while_saving_checkpoints(tmp_path):
         assert step >= last + 3 and opt["t"] == step
         last = step
         args = ["train", "--resume", d, "--quiet"]
-    assert train.main([*map(str, args[1:]), "--stop-after", "4"]) == 0
+    assert train.main([*map(str, args[1:]), "--stop_after", "4"]) == 0
     assert load_checkpoint(d)[3] == last + 4 and not tmp.exists()
     # and the run is exactly the uninterrupted one
     cfg = config.make_config({"steps": 100000, "checkpoint_every": 1000}, preset="tiny")

@@ -6,19 +6,23 @@ import numpy as np
 import pytest
 
 from minispatial import gradcheck as gc
-from minispatial import kernels, model, ops
+from minispatial import model, ops, step
+
+STEPS = ("reference", "fast")
 
 
-def test_quick_run_passes_on_both_backends(capsys):
-    assert gc.main(["--quick"]) == 0
+def test_quick_run_passes_for_both_steps(capsys):
+    assert gc.main(["--quick"]) == 0                 # default: --step both
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.endswith(("PASS", "FAIL"))]
     assert lines and all(ln.endswith("PASS") for ln in lines)
-    for backend in ops.BACKENDS:
+    assert {ln.split()[0] for ln in lines} == set(STEPS)
+    for name in STEPS:
+        assert f"# step {name}: " in out
         for op in ("embedding", "pos_embedding", "prepend_cls", "linear", "linear (no bias)",
-                   "attention (causal)", "attention (bidirectional)", "residual", "pool", "layernorm",
+                   "attention (causal)", "attention (bidirectional)", "pool", "layernorm",
                    "gelu", "mlp", "l2norm", "clip_loss", "softmax", "model (paper)", "model (ln+mlp+proj)"):
-            assert any(ln.startswith(backend) and f" {op} " in ln for ln in lines), (backend, op)
+            assert any(ln.startswith(name) and f" {op} " in ln for ln in lines), (name, op)
     # every parameter of the attention op and of the model, the logit scale included
     for name in ops.ATTN_PARAMS:
         assert any("attention (causal)" in ln and f" {name} " in ln for ln in lines), name
@@ -41,28 +45,34 @@ def _scaled(fn, factor=1.01):
 
 def test_wrong_linear_backward_fails(monkeypatch, capsys):
     monkeypatch.setattr(ops, "linear_backward", _scaled(ops.linear_backward))
-    assert gc.main(["--quick", "--backend", "numpy", "--only", "linear", "--no-model"]) == 1
+    assert gc.main(["--quick", "--step", "reference", "--only", "linear", "--no_model"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
     fails = [ln for ln in out.splitlines() if ln.endswith("FAIL")]
     assert any(" linear " in ln and " W " in ln for ln in fails)
 
 
-def test_wrong_kernel_backward_fails_only_on_numba(monkeypatch, capsys):
-    real = kernels.attention_core_backward
-    monkeypatch.setattr(kernels, "attention_core_backward",
-                        lambda dz, q, k, v, pattern: (1.01 * real(dz, q, k, v, pattern)[0],
-                                                      *real(dz, q, k, v, pattern)[1:]))
-    assert gc.main(["--quick", "--only", "attention (causal)", "--no-model"]) == 1
+def test_wrong_fast_attention_core_backward_fails_only_for_the_fast_step(monkeypatch, capsys):
+    from minispatial import step
+
+    fast_step = step.choose("fast")
+    core = fast_step.attention_core
+
+    def wrong_backward(dz, q, k, v, pattern):
+        dq, dk, dv = core.backward(dz, q, k, v, pattern)
+        return 1.01 * dq, dk, dv
+
+    wrong = fast_step._replace(attention_core=ops.AttentionCore(core.forward, wrong_backward))
+    monkeypatch.setattr(step, "fast_step", lambda: wrong)
+    assert gc.main(["--quick", "--only", "attention (causal)", "--no_model"]) == 1
     fails = [ln for ln in capsys.readouterr().out.splitlines() if ln.endswith("FAIL")]
-    assert fails and all(ln.startswith("numba") for ln in fails)
+    assert fails and all(ln.startswith("fast") for ln in fails)
     assert any(" W_Q " in ln for ln in fails)     # dq reaches W_Q, b_Q and x
 
 
 def test_wrong_model_gradient_fails(monkeypatch):
     monkeypatch.setattr(ops, "attention_backward", _scaled(ops.attention_backward, 1.001))
-    with ops.use_backend("numpy"):
-        results = gc.check_model(B=3)
+    results = gc.check_model(B=3)                         # the reference step
     failed = {r.tensor for r in results if not r.passed}
     assert "text.blocks.0.attn.W_Q" in failed and "vision.blocks.0.attn.W_V" in failed
     assert "logit_scale" not in failed
@@ -76,9 +86,8 @@ def test_missing_model_gradient_fails(monkeypatch):
         grads.pop("vision.W_pos")
         return loss, grads
 
-    monkeypatch.setattr(model, "loss_and_grads", drop_one)
-    with ops.use_backend("numpy"):
-        results = {r.tensor: r for r in gc.check_model(B=2)}
+    monkeypatch.setattr(step, "REFERENCE", step.REFERENCE._replace(loss_and_grads=drop_one))
+    results = {r.tensor: r for r in gc.check_model(B=2, step="reference")}
     assert not results["vision.W_pos"].passed and math.isnan(results["vision.W_pos"].err)
     assert results["text.W_pos"].passed
 
@@ -144,14 +153,23 @@ def test_check_tensor_rejects_a_gradient_of_the_wrong_shape():
 def test_cli_dispatch_and_only_matching_nothing(capsys):
     from minispatial import cli
 
-    assert cli.main(["gradcheck", "--quick", "--backend", "numpy", "--only", "gelu", "--no-model"]) == 0
-    assert "gelu" in capsys.readouterr().out
-    assert gc.main(["--backend", "numpy", "--only", "no-such-op", "--no-model"]) == 1
+    assert cli.main(["gradcheck", "--quick", "--step", "reference", "--only", "gelu", "--no_model"]) == 0
+    out = capsys.readouterr().out
+    assert "gelu" in out and "# step reference: " in out and "# step fast" not in out
+    assert gc.main(["--step", "reference", "--only", "no-such-op", "--no-model"]) == 1   # (old spelling)
+
+
+def test_results_name_their_step():
+    for name in STEPS:
+        results = gc.run_all(quick=True, only=["gelu", "attention (causal)"], with_models=False, step=name)
+        assert results and {r.step for r in results} == {name}
+        assert {r.op for r in results} == {"gelu", "attention (causal)"}
+        assert gc.format_table(results).splitlines()[0].split()[0] == "step"
 
 
 def test_wrong_shaped_op_gradient_is_a_fail_not_a_crash(monkeypatch, capsys):
     real = ops.prepend_cls_backward
     monkeypatch.setattr(ops, "prepend_cls_backward", lambda dout, cache: (real(dout, cache)[0], dout[:, 0]))
-    assert gc.main(["--quick", "--backend", "numpy", "--only", "prepend_cls", "--no-model"]) == 1
+    assert gc.main(["--quick", "--step", "reference", "--only", "prepend_cls", "--no_model"]) == 1
     fails = [ln for ln in capsys.readouterr().out.splitlines() if ln.endswith("FAIL")]
     assert len(fails) == 1 and " cls " in fails[0] and "shape [2, 5]" in fails[0]

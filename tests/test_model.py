@@ -1,6 +1,7 @@
 """The dual encoder: TransformerLens parameter names and shapes, both init schemes, unit-norm
 features, float64 gradients against finite differences for every parameter, hooks, input
-validation and the two backends held equal."""
+validation, for both training steps (minispatial/step.py: the reference model.loss_and_grads and
+the fast one), and the two steps held equal."""
 
 import dataclasses
 import math
@@ -8,23 +9,22 @@ import math
 import numpy as np
 import pytest
 
-from minispatial import ops
 from minispatial.model import (
     ModelConfig,
     check_params,
     encode_images,
     encode_texts,
     init_params,
-    loss_and_grads,
     loss_only,
     param_shapes,
     run_with_cache,
 )
+from minispatial.step import choose
 
 # a tiny model with the paper's topology (attention-only, 1 layer per tower)
 TINY = ModelConfig(d_model=8, n_heads=2, d_head=4, d_mlp=12, vision_vocab=5, text_vocab=7, vision_ctx=5,
                    text_ctx=6)
-BACKENDS = ("numpy", "numba")
+STEPS = ("reference", "fast")
 
 
 def batch(cfg, B, seed=0):
@@ -214,18 +214,18 @@ GRAD_CONFIGS = {
 }
 
 
-def directional_errors(cfg, B=4, seed=0, n_dirs=2, h=3e-4, floor=1e-4):
+def directional_errors(cfg, B=4, seed=0, n_dirs=2, h=3e-4, floor=1e-4, step="reference"):
     """Independent of gradcheck.py: for every parameter tensor, the analytic directional
     derivative a = <g, u> along random unit directions u against the fourth-order central
     difference n = [8 (f(h) - f(-h)) - (f(2h) - f(-2h))] / 12h of the loss along u.
     (The plain central difference is too coarse for 1e-6: measured up to 9e-7 at h = 1e-5,
     and at h = 1e-6 its round-off, ~1e-16 / h = 1e-10, is already 1e-6 of the floor.)
     The floor 1e-4 covers b_K, whose gradient is exactly zero: there |n| is round-off (~1e-12).
-    -> {name: max relative error |a - n| / max(|a|, |n|, floor)}"""
+    -> {name: max relative error |a - n| / max(|a|, |n|, floor)}, for the gradients of `step`."""
     cfg = f64(cfg)
     params = noisy_params(cfg, seed)
     images, tokens, eot = batch(cfg, B, seed)
-    _, grads = loss_and_grads(params, images, tokens, eot, cfg)
+    _, grads = choose(step).loss_and_grads(params, images, tokens, eot, cfg)
     assert list(grads) == list(params)
     rng = np.random.default_rng(seed)
     errs = {}
@@ -243,48 +243,47 @@ def directional_errors(cfg, B=4, seed=0, n_dirs=2, h=3e-4, floor=1e-4):
     return errs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("name", list(GRAD_CONFIGS))
-def test_gradients_match_finite_differences(name, backend):
+def test_gradients_match_finite_differences(name, step):
     cfg = GRAD_CONFIGS[name]
-    with ops.use_backend(backend):
-        errs = directional_errors(cfg)
+    errs = directional_errors(cfg, step=step)
     assert set(errs) == set(param_shapes(cfg))               # every tensor of both towers
     bad = {n: e for n, e in errs.items() if not e <= 1e-6}
     assert not bad, bad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_check_model_passes_every_tensor(backend):
-    gradcheck = pytest.importorskip("minispatial.gradcheck")
+@pytest.mark.parametrize("step", STEPS)
+def test_gradcheck_check_model_passes_every_tensor(step):
+    from minispatial import gradcheck
+
     for name in ("paper", "ln+mlp+proj"):
         cfg = GRAD_CONFIGS[name]
-        with ops.use_backend(backend):
-            results = gradcheck.check_model(cfg, seed=1, B=3)
+        results = gradcheck.check_model(cfg, seed=1, B=3, step=step)
         assert {r.tensor for r in results} == set(param_shapes(cfg))
+        assert {r.step for r in results} == {step}
         failed = [(r.tensor, r.err) for r in results if not r.passed]
         assert not failed, (name, failed)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_key_bias_gradient_is_exactly_zero(backend):
+@pytest.mark.parametrize("step", STEPS)
+def test_key_bias_gradient_is_exactly_zero(step):
     # b_K adds the same number to every score of a query row, which the softmax cancels
     cfg = f64(dataclasses.replace(TINY, text_layers=2))
     params = noisy_params(cfg)
-    with ops.use_backend(backend):
-        _, grads = loss_and_grads(params, *batch(cfg, 5), cfg)
+    _, grads = choose(step).loss_and_grads(params, *batch(cfg, 5), cfg)
     for n in ("vision.blocks.0.attn.b_K", "text.blocks.0.attn.b_K", "text.blocks.1.attn.b_K"):
         assert np.abs(grads[n]).max() < 1e-14, n
     assert np.abs(grads["text.blocks.0.attn.b_Q"]).max() > 1e-6       # the query bias is not
 
 
-def test_loss_and_grads_agrees_with_loss_only():
+@pytest.mark.parametrize("step", STEPS)
+def test_loss_and_grads_agrees_with_loss_only(step):
     cfg = f64(TINY)
     params = noisy_params(cfg)
     b = batch(cfg, 5)
-    for backend in BACKENDS:
-        with ops.use_backend(backend):
-            assert loss_and_grads(params, *b, cfg)[0] == pytest.approx(loss_only(params, *b, cfg), rel=1e-13)
+    assert choose(step).loss_and_grads(params, *b, cfg)[0] == pytest.approx(loss_only(params, *b, cfg), rel=1e-13)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,9 +294,9 @@ def test_run_with_cache_records_scores_and_patterns():
     params = noisy_params(cfg)
     images, tokens, eot = batch(cfg, 3)
     img, txt, rec = run_with_cache(params, images, tokens, eot, cfg)
-    # (recording runs the NumPy attention core, encode_* the numba kernel: equal up to rounding)
-    np.testing.assert_allclose(img, encode_images(params, images, cfg), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(txt, encode_texts(params, tokens, eot, cfg), rtol=1e-12, atol=1e-14)
+    # recording changes nothing: the same NumPy forward as encode_*, bit for bit
+    np.testing.assert_array_equal(img, encode_images(params, images, cfg))
+    np.testing.assert_array_equal(txt, encode_texts(params, tokens, eot, cfg))
     B, H, Dh = 3, cfg.n_heads, cfg.d_head
     for tower, T, layers in (("vision", cfg.vision_ctx, 1), ("text", cfg.text_ctx, 2)):
         for l in range(layers):
@@ -306,16 +305,24 @@ def test_run_with_cache_records_scores_and_patterns():
             assert scores.shape == pattern.shape == (B, H, T, T)
             assert rec[pre + "hook_q"].shape == (B, T, H, Dh)
             np.testing.assert_allclose(pattern.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
-            # scores = q . k / sqrt(Dh), in TransformerLens' [batch, head, query_pos, key_pos]
+            # scores = q . k / sqrt(Dh), in TransformerLens' [batch, head, query_pos, key_pos],
+            # recorded after the causal mask (as TransformerLens does): -inf on masked keys
             want = np.einsum("bqhd,bkhd->bhqk", rec[pre + "hook_q"], rec[pre + "hook_k"]) / math.sqrt(Dh)
-            np.testing.assert_allclose(scores, want, rtol=1e-12, atol=1e-12)
             upper = np.triu(np.ones((T, T), dtype=bool), k=1)
+            masked = upper if tower == "text" else np.zeros_like(upper)
+            assert (scores[..., masked] == -np.inf).all()
+            np.testing.assert_allclose(scores[..., ~masked], want[..., ~masked], rtol=1e-12, atol=1e-12)
             if tower == "text":                            # causal: nothing above the diagonal
                 assert (pattern[..., upper] == 0).all()
                 np.testing.assert_allclose(pattern[:, :, 0, 0], 1.0)
             else:                                          # bidirectional: every key gets weight
                 assert (pattern > 0).all()
     assert rec["vision.hook_embed"].shape == (B, cfg.vision_ctx, cfg.d_model)
+    # hook_pos_embed is [B, T, D] (W_pos[:T] broadcast over the batch), as in TransformerLens
+    for tower, T in (("vision", cfg.vision_ctx), ("text", cfg.text_ctx)):
+        pos = rec[f"{tower}.hook_pos_embed"]
+        assert pos.shape == (B, T, cfg.d_model)
+        np.testing.assert_array_equal(pos, np.broadcast_to(params[f"{tower}.W_pos"][:T], pos.shape))
     assert rec["text.hook_pooled"].shape == (B, cfg.d_model)
     np.testing.assert_array_equal(rec["text.hook_pooled"],
                                   rec["text.blocks.1.hook_resid_post"][np.arange(B), eot])
@@ -333,6 +340,11 @@ def test_hooks_can_edit_the_forward_pass():
     np.testing.assert_allclose(txt, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), rtol=1e-12)
     with pytest.raises(ValueError, match="hook_attn_out"):
         run_with_cache(params, images, tokens, eot, cfg, hooks={"text.blocks.0.hook_attn_out": lambda a: a[:1]})
+    # an edited position embedding is the one the tower adds: zeroing it is a model without W_pos
+    no_pos = {**params, "text.W_pos": np.zeros_like(params["text.W_pos"])}
+    _, txt, _ = run_with_cache(params, images, tokens, eot, cfg, hooks={"text.hook_pos_embed": np.zeros_like})
+    np.testing.assert_allclose(txt, encode_texts(no_pos, tokens, eot, cfg), rtol=1e-13, atol=1e-15)
+    assert not np.allclose(txt, encode_texts(params, tokens, eot, cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,21 +366,22 @@ def _bad_inputs(cfg):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("case", list(_bad_inputs(TINY)))
-def test_bad_inputs_raise_value_error(backend, case):
+def test_bad_inputs_raise_value_error(step, case):
     params = init_params(TINY, 0)
     (images, tokens, eot), match = _bad_inputs(TINY)[case]
-    with ops.use_backend(backend):
+    impl = choose(step)
+    enc_images, enc_texts = impl.encoders
+    with pytest.raises(ValueError, match=match):
+        impl.loss_and_grads(params, images, tokens, eot, TINY)
+    if case != "batch sizes differ":               # each tower alone checks its own input
         with pytest.raises(ValueError, match=match):
-            loss_and_grads(params, images, tokens, eot, TINY)
-        if case != "batch sizes differ":               # each tower alone checks its own input
-            with pytest.raises(ValueError, match=match):
-                encode_images(params, images, TINY)
-                encode_texts(params, tokens, eot, TINY)
+            enc_images(params, images, TINY)
+            enc_texts(params, tokens, eot, TINY)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("name, shape", [
     ("vision.blocks.0.attn.W_Q", (2, 8, 3)),
     ("text.W_E", (6, 8)),                 # one row short: numba would read/write out of bounds
@@ -376,13 +389,13 @@ def test_bad_inputs_raise_value_error(backend, case):
     ("vision.W_pos", (4, 8)),
     ("logit_scale", (1,)),
 ])
-def test_params_with_a_wrong_shape_raise_value_error(backend, name, shape):
+def test_params_with_a_wrong_shape_raise_value_error(step, name, shape):
     params = init_params(TINY, 0)
     params[name] = np.zeros(shape, dtype=np.float32)
     with pytest.raises(ValueError, match=name):
         check_params(params, TINY)
-    with ops.use_backend(backend), pytest.raises(ValueError, match=name):
-        loss_and_grads(params, *batch(TINY, 3), TINY)
+    with pytest.raises(ValueError, match=name):
+        choose(step).loss_and_grads(params, *batch(TINY, 3), TINY)
 
 
 def test_check_params_missing_extra_and_dtype():
@@ -405,21 +418,25 @@ def test_model_config_validation_names_the_field():
 
 
 # --------------------------------------------------------------------------------------------
-# the two backends
+# the two steps
 
 @pytest.mark.parametrize("opts", [{}, {"layernorm": True, "mlp": True, "proj_dim": 16}])
-def test_numpy_and_numba_backends_agree(opts):
+def test_reference_and_fast_steps_agree(opts):
     cfg = f64(dataclasses.replace(ModelConfig(), **opts))     # the paper's shapes (D 128, 4 x 32)
     params = noisy_params(cfg, seed=2, std=0.02)
     b = batch(cfg, 6, seed=2)
-    with ops.use_backend("numpy"):
-        loss_np, g_np = loss_and_grads(params, *b, cfg)
-    with ops.use_backend("numba"):
-        loss_nb, g_nb = loss_and_grads(params, *b, cfg)
-    assert loss_nb == pytest.approx(loss_np, rel=1e-10)
-    assert list(g_np) == list(g_nb) == list(params)
+    ref, fast = choose("reference"), choose("fast")
+    loss_ref, g_ref = ref.loss_and_grads(params, *b, cfg)
+    loss_fast, g_fast = fast.loss_and_grads(params, *b, cfg)
+    assert loss_fast == pytest.approx(loss_ref, rel=1e-10)
+    assert list(g_ref) == list(g_fast) == list(params)
     # an absolute floor of 1e-10 x the largest gradient entry: b_K's gradient is exactly zero in
-    # theory, so both backends return rounding noise (~1e-18) there
-    gmax = max(float(np.abs(g).max()) for g in g_np.values())
+    # theory, so both steps return rounding noise (~1e-18) there
+    gmax = max(float(np.abs(g).max()) for g in g_ref.values())
     for n in params:
-        np.testing.assert_allclose(g_nb[n], g_np[n], rtol=1e-10, atol=1e-10 * gmax, err_msg=n)
+        np.testing.assert_allclose(g_fast[n], g_ref[n], rtol=1e-10, atol=1e-10 * gmax, err_msg=n)
+    # and their encoders (evaluation) give the same features
+    images, tokens, eot = b
+    for enc_ref, enc_fast, args in zip(ref.encoders, fast.encoders, ((images,), (tokens, eot))):
+        np.testing.assert_allclose(enc_fast(params, *args, cfg), enc_ref(params, *args, cfg),
+                                   rtol=1e-10, atol=1e-12)

@@ -2,6 +2,8 @@
 
 Gradients are checked with minispatial.gradcheck (fourth-order central differences, float64,
 max relative error |a-n|/max(|a|,|n|,1e-4) <= 1e-6) over hypothesis-drawn coupled shapes.
+The attention core is checked in both implementations: ops.NUMPY_CORE and the fast step's
+(`fast.ATTENTION_CORE`, numba kernels), passed as `attention_forward(core=...)`.
 """
 
 import math
@@ -25,6 +27,16 @@ def sizes(draw):
 
 
 seeds = st.integers(0, 2**32 - 1)
+CORES = ("numpy", "fast")
+
+
+def core_named(name):
+    """ops.NUMPY_CORE, or the fast step's attention core (imported only when asked for)."""
+    if name == "numpy":
+        return ops.NUMPY_CORE
+    from minispatial import fast
+
+    return fast.ATTENTION_CORE
 
 
 def assert_case_passes(case):
@@ -41,7 +53,7 @@ SIMPLE_CASES = {
     "embedding": gc.case_embedding, "pos_embedding": gc.case_pos_embedding,
     "prepend_cls": gc.case_prepend_cls, "linear": gc.case_linear,
     "linear (no bias)": lambda rng, s: gc.case_linear(rng, s, bias=False),
-    "residual": gc.case_residual, "pool": gc.case_pool, "layernorm": gc.case_layernorm,
+    "pool": gc.case_pool, "layernorm": gc.case_layernorm,
     "gelu": gc.case_gelu, "mlp": gc.case_mlp, "l2norm": gc.case_l2norm,
     "clip_loss": gc.case_clip_loss, "softmax": gc.case_softmax,
     "softmax (causal mask)": lambda rng, s: gc.case_softmax(rng, s, mask=ops.causal_mask(s.T)),
@@ -51,21 +63,18 @@ SIMPLE_CASES = {
 @pytest.mark.parametrize("name", list(SIMPLE_CASES))
 @given(s=sizes(), seed=seeds)
 def test_op_gradient_matches_finite_differences(name, s, seed):
-    with ops.use_backend("numpy"):
-        assert_case_passes(SIMPLE_CASES[name](np.random.default_rng(seed), s))
+    assert_case_passes(SIMPLE_CASES[name](np.random.default_rng(seed), s))
 
 
-@pytest.mark.parametrize("backend", ops.BACKENDS)
-@pytest.mark.parametrize("variant", ["bidirectional", "causal", "mask", "causal+mask"])
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("variant", ["bidirectional", "causal"])
 @given(s=sizes(), seed=seeds)
-def test_attention_gradient_matches_finite_differences(backend, variant, s, seed):
+def test_attention_gradient_matches_finite_differences(core, variant, s, seed):
     # x and all 8 parameters (b_K's true gradient is exactly zero: the floor makes noise pass)
     rng = np.random.default_rng(seed)
-    mask = gc.random_mask(rng, s.T) if "mask" in variant else None
-    with ops.use_backend(backend):
-        case = gc.case_attention(rng, s, causal=variant.startswith("causal"), mask=mask)
-        assert set(case.inputs) == {"x", *ops.ATTN_PARAMS}
-        assert_case_passes(case)
+    case = gc.case_attention(rng, s, causal=variant == "causal", core=core_named(core))
+    assert set(case.inputs) == {"x", *ops.ATTN_PARAMS}
+    assert_case_passes(case)
 
 
 def test_embedding_backward_adds_repeated_ids():
@@ -73,10 +82,7 @@ def test_embedding_backward_adds_repeated_ids():
     ids = np.array([[1, 1, 2]])
     _, cache = ops.embedding_forward(W_E, ids)
     dout = np.array([[[1.0, 2.0], [10.0, 20.0], [5.0, 5.0]]])
-    for backend in ops.BACKENDS:
-        with ops.use_backend(backend):
-            np.testing.assert_array_equal(ops.embedding_backward(dout, cache),
-                                          [[0, 0], [11, 22], [5, 5]])
+    np.testing.assert_array_equal(ops.embedding_backward(dout, cache), [[0, 0], [11, 22], [5, 5]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,57 +123,104 @@ def test_clip_loss_symmetric_under_swapping_towers(B, E, seed):
 # --------------------------------------------------------------------------------------------
 # masking: a masked key gets exactly zero attention and exactly zero gradient
 
-@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("core", CORES)
 @given(s=sizes(), seed=seeds, data=st.data())
-def test_causal_masked_keys_get_exactly_zero(backend, s, seed, data):
+def test_causal_masked_keys_get_exactly_zero(core, s, seed, data):
     rng = np.random.default_rng(seed)
     B, T, H, Dh = s.B, s.T, s.H, s.Dh
     q, k, v = (rng.standard_normal((B, T, H, Dh)) for _ in range(3))
-    with ops.use_backend(backend):
-        z, pattern = ops.attention_core_forward(q, k, v, causal=True)
-        assert (pattern[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0).all()
-        # later keys/values do not change earlier outputs, bit for bit
-        t = data.draw(st.integers(1, T), label="first changed position")
-        k2, v2 = k.copy(), v.copy()
-        k2[:, t:] += 100 * rng.standard_normal(k2[:, t:].shape)
-        v2[:, t:] += 100 * rng.standard_normal(v2[:, t:].shape)
-        z2, pattern2 = ops.attention_core_forward(q, k2, v2, causal=True)
-        np.testing.assert_array_equal(z2[:, :t], z[:, :t])
-        np.testing.assert_array_equal(pattern2[:, :, :t], pattern[:, :, :t])
-        # an upstream gradient on queries < t reaches no key/value at positions >= t, exactly
-        dz = rng.standard_normal(z.shape)
-        dz[:, t:] = 0
-        dq, dk, dv = ops.attention_core_backward(dz, q, k, v, pattern)
-        assert (dk[:, t:] == 0).all() and (dv[:, t:] == 0).all()
-        assert (dq[:, t:] == 0).all()
+    impl = core_named(core)
+    z, pattern = impl.forward(q, k, v, True)
+    assert (pattern[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0).all()
+    # later keys/values do not change earlier outputs, bit for bit
+    t = data.draw(st.integers(1, T), label="first changed position")
+    k2, v2 = k.copy(), v.copy()
+    k2[:, t:] += 100 * rng.standard_normal(k2[:, t:].shape)
+    v2[:, t:] += 100 * rng.standard_normal(v2[:, t:].shape)
+    z2, pattern2 = impl.forward(q, k2, v2, True)
+    np.testing.assert_array_equal(z2[:, :t], z[:, :t])
+    np.testing.assert_array_equal(pattern2[:, :, :t], pattern[:, :, :t])
+    # an upstream gradient on queries < t reaches no key/value at positions >= t, exactly
+    dz = rng.standard_normal(z.shape)
+    dz[:, t:] = 0
+    dq, dk, dv = impl.backward(dz, q, k, v, pattern)
+    assert (dk[:, t:] == 0).all() and (dv[:, t:] == 0).all()
+    assert (dq[:, t:] == 0).all()
     # dscores of masked entries are exactly zero
     dscores = ops.softmax_backward(rng.standard_normal(pattern.shape), pattern)
     assert (dscores[pattern == 0] == 0).all()
 
 
-@given(s=sizes(), seed=seeds, data=st.data())
-def test_attention_mask_gives_masked_keys_exactly_zero(s, seed, data):
+@given(s=sizes(), seed=seeds)
+def test_recorded_scores_are_masked_with_minus_infinity(s, seed):
+    # hook_attn_scores is recorded after the causal mask, as in TransformerLens: -inf on every
+    # masked key, q.k / sqrt(Dh) on the others; the pattern is exactly 0 where the score is -inf
     rng = np.random.default_rng(seed)
     inputs = gc.attention_inputs(rng, s)
     p = {n: inputs[n] for n in ops.ATTN_PARAMS}
-    mask = gc.random_mask(rng, s.T)
+    upper = ~ops.causal_mask(s.T)
+    for causal in (True, False):
+        record = {}
+        ops.attention_forward(inputs["x"], p, causal, record=record)
+        scores, pattern = record["hook_attn_scores"], record["hook_pattern"]
+        want = np.einsum("bqhd,bkhd->bhqk", record["hook_q"], record["hook_k"]) / math.sqrt(s.Dh)
+        masked = upper if causal else np.zeros_like(upper)
+        assert (scores[..., masked] == -np.inf).all() and np.isfinite(scores[..., ~masked]).all()
+        np.testing.assert_allclose(scores[..., ~masked], want[..., ~masked], rtol=1e-12, atol=1e-12)
+        assert (pattern[..., masked] == 0).all()
+        np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=1e-12)
+
+
+def test_a_hook_on_the_scores_cannot_unmask_a_key():
+    # the softmax applies the causal mask again after the hook: a hook that overwrites every
+    # score (the -inf of masked keys too) gives a uniform pattern over the allowed keys only
+    s = gc.Sizes(B=2, T=4, H=2, Dh=3, D=5)
+    inputs = gc.attention_inputs(np.random.default_rng(0), s)
+    p = {n: inputs[n] for n in ops.ATTN_PARAMS}
     record = {}
-    ops.attention_forward(inputs["x"], p, causal=False, mask=mask, record=record)
-    q, k, v, pattern = (record[n] for n in ("hook_q", "hook_k", "hook_v", "hook_pattern"))
-    assert (pattern[..., ~mask] == 0).all()
-    np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=1e-12)
-    # changing key/value j changes no query row that masks j, bit for bit
-    j = data.draw(st.integers(0, s.T - 1), label="changed key")
-    k2, v2 = k.copy(), v.copy()
-    k2[:, j] += 100.0
-    v2[:, j] -= 100.0
-    z, _ = ops.attention_core_forward_np(q, k, v, False, mask=mask)
-    z2, _ = ops.attention_core_forward_np(q, k2, v2, False, mask=mask)
-    blind = ~mask[:, j]                               # query rows that do not see key j
-    np.testing.assert_array_equal(z2[:, blind], z[:, blind])
-    # the gradient reaching a masked key through its score is exactly zero
-    dpattern = rng.standard_normal(pattern.shape)
-    assert (ops.softmax_backward(dpattern, pattern)[..., ~mask] == 0).all()
+    ops.attention_forward(inputs["x"], p, True, hooks={"hook_attn_scores": np.zeros_like},
+                          record=record)
+    T = s.T
+    want = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]
+    np.testing.assert_allclose(record["hook_pattern"], np.broadcast_to(want, (2, 2, T, T)), rtol=1e-15)
+
+
+def spy_core(calls):
+    """ops.NUMPY_CORE, counting its forward and backward calls in `calls`."""
+    def forward(q, k, v, causal):
+        calls.append("forward")
+        return ops.NUMPY_CORE.forward(q, k, v, causal)
+
+    def backward(dz, q, k, v, pattern):
+        calls.append("backward")
+        return ops.NUMPY_CORE.backward(dz, q, k, v, pattern)
+
+    return ops.AttentionCore(forward, backward)
+
+
+def test_attention_runs_the_given_core_unless_hooks_are_asked_for():
+    s = gc.Sizes(B=2, T=4, H=2, Dh=3, D=5)
+    rng = np.random.default_rng(0)
+    inputs = gc.attention_inputs(rng, s)
+    p = {n: inputs[n] for n in ops.ATTN_PARAMS}
+    dout = rng.standard_normal((s.B, s.T, s.D))
+    want_out, cache = ops.attention_forward(inputs["x"], p, True)          # default: NumPy
+    want_grads = ops.attention_backward(dout, cache, p)
+    calls = []
+    out, cache = ops.attention_forward(inputs["x"], p, True, core=spy_core(calls))
+    assert calls == ["forward"]
+    grads = ops.attention_backward(dout, cache, p)                         # the cache keeps the core
+    assert calls == ["forward", "backward"]
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(grads[0], want_grads[0])
+    for n in ops.ATTN_PARAMS:
+        np.testing.assert_array_equal(grads[1][n], want_grads[1][n], err_msg=n)
+    # with a hook or a record the NumPy core runs (only it has the hook points), both ways
+    for kw in ({"record": {}}, {"hooks": {"hook_z": lambda z: z}}):
+        calls.clear()
+        out, cache = ops.attention_forward(inputs["x"], p, True, core=spy_core(calls), **kw)
+        ops.attention_backward(dout, cache, p)
+        assert calls == [] and np.array_equal(out, want_out), kw
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +250,6 @@ BAD_INPUTS = {
                       r"clip loss: image features"),
     "pool idx shape": (lambda: ops.pool_forward(X, np.array([0])), r"pool idx has shape"),
     "pool idx range": (lambda: ops.pool_forward(X, np.array([0, 3])), r"pool idx must be integer positions in \[0, 2\]"),
-    "mask shape": (lambda: ops.attention_forward(X, P, False, mask=np.ones((2, 2), bool)), r"mask has shape"),
     # ids out of vocabulary
     "id too large": (lambda: ops.embedding_forward(np.ones((3, 4)), np.array([[0, 3]])),
                      r"ids contains id 3 outside the vocabulary \[0, 2\]"),
@@ -205,12 +257,6 @@ BAD_INPUTS = {
                     r"ids contains id -1 outside the vocabulary"),
     "float ids": (lambda: ops.embedding_forward(np.ones((3, 4)), np.array([[0.0]])),
                   r"ids must be an integer array"),
-    # a mask leaving a query row with no key
-    "mask empty row": (lambda: ops.attention_forward(X, P, False, mask=np.array(
-        [[1, 0, 0], [0, 0, 0], [0, 0, 1]], bool)), r"mask leaves query row 1 with no key"),
-    "mask empty causal row": (lambda: ops.attention_forward(X, P, True, mask=np.array(
-        [[0, 1, 1], [1, 1, 1], [1, 1, 1]], bool)), r"mask leaves query row 0 with no key"),
-    "mask not bool": (lambda: ops.attention_forward(X, P, False, mask=np.ones((3, 3))), r"mask has dtype"),
     # mismatched dtypes
     "attention f32 x, f64 weights": (lambda: ops.attention_forward(X32, P, True), r"dtype"),
     "attention f64 x, one f32 weight": (lambda: ops.attention_forward(
@@ -222,8 +268,6 @@ BAD_INPUTS = {
 
 # Silent broadcasts / dtype promotions: each must be a clear ValueError, not a NumPy broadcast.
 GAPS = {
-    "residual y [1, T, D]": (lambda: ops.residual_forward(X, X[:1]), r"y has shape"),
-    "residual f32 + f64": (lambda: ops.residual_forward(X32, X), r"dtype"),
     "prepend_cls cls [1]": (lambda: ops.prepend_cls_forward(X, np.ones(1)), r"cls has shape"),
     "prepend_cls f64 cls into f32": (lambda: ops.prepend_cls_forward(X32, np.ones(4)), r"dtype"),
     "layernorm w [1]": (lambda: ops.layernorm_forward(X, np.ones(1), np.zeros(4)), r"w has shape"),

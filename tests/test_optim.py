@@ -1,5 +1,7 @@
 """AdamW, the learning-rate schedule, gradient clipping and the logit-scale clamp, against
-arithmetic written out by hand (float64, 1e-12)."""
+arithmetic written out by hand (float64, 1e-12), and the flat-buffer AdamW against a per-tensor
+AdamW written plainly here (bit for bit). The fast step's AdamW and gradient-norm kernels are held
+to optim.adamw_update / optim.global_norm in tests/fast/test_adamw.py."""
 
 import math
 
@@ -9,8 +11,8 @@ import pytest
 from minispatial.model import ModelConfig, init_params, param_shapes
 from minispatial.optim import (
     LOGIT_SCALE_MAX,
-    adamw_init,
-    adamw_step,
+    AdamW,
+    adamw_update,
     clamp_logit_scale,
     clip_grads,
     decayed,
@@ -27,16 +29,15 @@ G2 = np.array([-0.25, 2.0])
 
 
 def _two_steps(name, weight_decay=WD):
-    params = {name: np.array([1.0, -2.0])}
-    state = adamw_init(params)
-    adamw_step(params, {name: G1.copy()}, state, LR, B1, B2, EPS, weight_decay)
-    after1 = params[name].copy()
-    adamw_step(params, {name: G2.copy()}, state, LR, B1, B2, EPS, weight_decay)
-    return after1, params[name], state
+    opt = AdamW({name: np.array([1.0, -2.0])}, beta1=B1, beta2=B2, eps=EPS, weight_decay=weight_decay)
+    opt.step({name: G1.copy()}, LR)
+    after1 = opt.params[name].copy()
+    opt.step({name: G2.copy()}, LR)
+    return after1, opt.params[name], opt
 
 
 def test_adamw_two_steps_by_hand_with_weight_decay():
-    after1, after2, state = _two_steps("blocks.0.attn.W_Q")  # a decayed matrix
+    after1, after2, opt = _two_steps("blocks.0.attn.W_Q")  # a decayed matrix
     # step 1 (t = 1): bias corrections 1 - 0.9 = 0.1 and 1 - 0.99 = 0.01
     #   decay   p = [1, -2] * (1 - 0.1 * 0.1)            = [0.99, -1.98]
     #   m = 0.1 * [0.5, -1]                               = [0.05, -0.1]
@@ -56,9 +57,9 @@ def test_adamw_two_steps_by_hand_with_weight_decay():
     np.testing.assert_allclose(after2, want2, rtol=0, atol=1e-12)
     # by hand: 0.8811 - 0.1 * 0.105263 / 0.394688 and -1.8612 - 0.1 * 0.578947 / 1.583521
     np.testing.assert_allclose(want2, [0.854430059748, -1.897760772093], rtol=0, atol=1e-11)
-    assert state["t"] == 2
-    np.testing.assert_allclose(state["m"]["blocks.0.attn.W_Q"], m2, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(state["v"]["blocks.0.attn.W_Q"], v2, rtol=0, atol=1e-15)
+    assert opt.t == 2
+    np.testing.assert_allclose(opt.m["blocks.0.attn.W_Q"], m2, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(opt.v["blocks.0.attn.W_Q"], v2, rtol=0, atol=1e-15)
 
 
 def test_adamw_two_steps_by_hand_without_decay():
@@ -73,27 +74,49 @@ def test_adamw_two_steps_by_hand_without_decay():
     np.testing.assert_allclose(after2_nowd, want2, rtol=0, atol=1e-12)
 
 
+SMALL = ModelConfig(d_model=8, n_heads=2, d_head=4, vision_vocab=5, text_vocab=7, vision_ctx=4, text_ctx=5)
+
+
+def make_adamw(params, **kw):
+    return AdamW(params, **{"beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "weight_decay": 0.1, **kw})
+
+
 def test_adamw_is_in_place_and_keeps_dtype():
-    cfg = ModelConfig(d_model=8, n_heads=2, d_head=4, vision_vocab=5, text_vocab=7, vision_ctx=4, text_ctx=5)
-    params = init_params(cfg, 0)
-    values = {n: p.copy() for n, p in params.items()}
-    state = adamw_init(params)                # flattens: the entries become views, same values
-    ids = {n: id(p) for n, p in params.items()}
-    assert state["t"] == 0
-    for n, p in params.items():
-        assert p.flags.c_contiguous and np.array_equal(p, values[n]) and p.dtype == values[n].dtype
-    for n, p in params.items():
-        assert state["m"][n].shape == p.shape and not state["m"][n].any() and not state["v"][n].any()
-        assert not np.shares_memory(state["m"][n], p)
+    params = init_params(SMALL, 0)
+    opt = make_adamw(params)                  # its own flat buffer: views of the same values
+    views = {n: id(p) for n, p in opt.params.items()}
+    assert opt.t == 0 and list(opt.params) == list(params)
+    for n, p in opt.params.items():
+        assert p.flags.c_contiguous and np.array_equal(p, params[n]) and p.dtype == params[n].dtype
+        assert p.shape == params[n].shape
+    for n, p in opt.params.items():
+        assert opt.m[n].shape == p.shape and not opt.m[n].any() and not opt.v[n].any()
+        assert not np.shares_memory(opt.m[n], p) and not np.shares_memory(opt.v[n], opt.m[n])
     grads = {n: np.ones_like(p) for n, p in params.items()}
-    before = {n: p.copy() for n, p in params.items()}
-    adamw_step(params, grads, state, 1e-2, 0.9, 0.98, 1e-6, 0.1)
-    for n, p in params.items():
-        assert id(p) == ids[n] and p.dtype == np.float32 and p.shape == before[n].shape
+    before = {n: p.copy() for n, p in opt.params.items()}
+    opt.step(grads, 1e-2)
+    assert opt.t == 1
+    for n, p in opt.params.items():
+        assert id(p) == views[n] and p.dtype == np.float32 and p.shape == before[n].shape
         # with g = 1 everywhere the first step moves every element down by ~lr (Adam's unit step)
         np.testing.assert_allclose(p, before[n] * (1 - 1e-3 if decayed(n, False) else 1.0) - 1e-2,
                                    rtol=0, atol=1e-6, err_msg=n)
-    assert params["logit_scale"].shape == ()
+    assert opt.params["logit_scale"].shape == ()
+
+
+def test_adamw_does_not_change_the_callers_dict():
+    params = init_params(SMALL, 0)
+    arrays = dict(params)                               # the caller's dict and its arrays
+    values = {n: p.copy() for n, p in params.items()}
+    opt = make_adamw(params)
+    for _ in range(2):
+        opt.step({n: np.ones_like(p) for n, p in params.items()}, 1e-2)
+    clamp_logit_scale(opt.params)
+    assert list(params) == list(arrays) and all(params[n] is arrays[n] for n in params)
+    for n, p in params.items():
+        assert np.array_equal(p, values[n]), n                          # values untouched
+        assert not np.shares_memory(p, opt.params[n]), n                # AdamW holds a copy
+        assert not np.array_equal(opt.params[n], values[n]), n         # which did move
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,10 +134,10 @@ def test_weight_decay_applies_to_matrices_only(decay_embeddings):
     for n in params:                      # LayerNorm w = 1, biases 0: make every tensor non-trivial
         params[n] = params[n] + 0.5
     before = {n: p.copy() for n, p in params.items()}
-    state = adamw_init(params)
+    opt = AdamW(params, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decay_embeddings=decay_embeddings)
     zero = {n: np.zeros_like(p) for n, p in params.items()}   # g = 0: Adam moves nothing
-    adamw_step(params, zero, state, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5,
-               decay_embeddings=decay_embeddings)
+    opt.step(zero, lr=0.1)
+    params = opt.params
     names = set(param_shapes(FULL))
     leaves = {n.rsplit(".", 1)[-1] for n in names}
     assert {"b_Q", "b_K", "b_V", "b_O", "b_in", "b_out", "w", "b", "logit_scale"} | MATRICES | EMBEDDINGS == leaves
@@ -166,10 +189,10 @@ def test_lr_constant_schedule():
 # --------------------------------------------------------------------------------------------
 # gradient clipping and the logit-scale clamp
 
-def test_clip_grads_scales_to_max_norm_and_returns_the_norm_before():
+def test_clip_grads_scales_to_max_norm_given_the_norm():
     grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}        # global norm 5
     assert global_norm(grads) == 5.0
-    assert clip_grads(grads, 1.0) == 5.0
+    assert clip_grads(grads, 1.0, global_norm(grads)) is None
     np.testing.assert_allclose(grads["a"], [3.0 / (5 + 1e-6), 0.0], rtol=1e-15)
     np.testing.assert_allclose(grads["b"], [[4.0 / (5 + 1e-6)]], rtol=1e-15)
     assert global_norm(grads) == pytest.approx(1.0, rel=1e-6) and global_norm(grads) <= 1.0
@@ -178,10 +201,12 @@ def test_clip_grads_scales_to_max_norm_and_returns_the_norm_before():
 def test_clip_grads_leaves_small_norms_and_zero_max_norm_alone():
     for max_norm in (10.0, 0.0):                      # above the norm, and 0 = off
         grads = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float32)}
-        assert clip_grads(grads, max_norm) == 5.0
+        assert global_norm(grads) == 5.0
+        clip_grads(grads, max_norm, global_norm(grads))
         assert grads["a"].tolist() == [3.0, 0.0] and grads["b"].tolist() == [[4.0]]
     grads = {"a": np.array([30.0, 40.0], np.float32)}
-    assert clip_grads(grads, 5.0) == 50.0
+    assert global_norm(grads) == 50.0                 # summed in float64: exact
+    clip_grads(grads, 5.0, global_norm(grads))
     assert grads["a"].dtype == np.float32
     np.testing.assert_allclose(grads["a"], [3.0, 4.0], rtol=1e-6)
 
@@ -200,133 +225,132 @@ def test_clamp_logit_scale_to_0_ln100_in_place():
 
 
 # --------------------------------------------------------------------------------------------
-# the numba AdamW (backend "numba") is the NumPy code above, one pass per tensor
+# AdamW over one flat buffer is bitwise a per-tensor AdamW
 
-def _random_run(backend, dtype, weight_decay, steps=4, layout="flat"):
-    # layout "flat": as adamw_init leaves it (one kernel call per step with numba); "per-tensor":
-    # no flat arrays; "replaced": flat, but after two steps one entry is replaced by a copy, so
-    # adamw_step must notice and go tensor by tensor
-    from minispatial import ops
+def plain_adamw(params, grads_seq, lrs, beta1, beta2, eps, weight_decay, decay_embeddings):
+    """AdamW tensor by tensor, written plainly (the module docstring's formula, in the order
+    optim.adamw_update computes it) -> (params, m, v), new arrays."""
+    p = {n: a.copy() for n, a in params.items()}
+    m = {n: np.zeros_like(a) for n, a in params.items()}
+    v = {n: np.zeros_like(a) for n, a in params.items()}
+    for t, (grads, lr) in enumerate(zip(grads_seq, lrs), start=1):
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+        for n in p:
+            g = grads[n]
+            if weight_decay and decayed(n, decay_embeddings):
+                p[n] *= p[n].dtype.type(1.0 - lr * weight_decay)
+            m[n] *= beta1
+            m[n] += (1.0 - beta1) * g
+            v[n] *= beta2
+            v[n] += (1.0 - beta2) * (g * g)
+            p[n] -= (lr / bc1) * m[n] / (np.sqrt(v[n]) / math.sqrt(bc2) + eps)
+    return p, m, v
 
-    params = init_params(ModelConfig(dtype=dtype), 0)
-    state = adamw_init(params)
-    if layout == "per-tensor":
-        del state["flat"]
-    rng = np.random.default_rng(1)
-    with ops.use_backend(backend):
-        for t in range(steps):
-            if layout == "replaced" and t == 2:
-                params["text.blocks.0.attn.W_K"] = params["text.blocks.0.attn.W_K"].copy()
-            grads = {n: (rng.standard_normal(p.shape) * 10.0 ** rng.integers(-6, 2)).astype(p.dtype)
-                     for n, p in params.items()}
-            norm = global_norm(grads)
-            adamw_step(params, grads, state, 1e-3 * (t + 1), 0.9, 0.98, 1e-6, weight_decay,
-                       decay_embeddings=bool(t % 2))
-    return params, state, norm
+
+def random_grads(params, steps, seed=1):
+    # gradients over many magnitudes (1e-6 .. 10), in the params' dtype
+    rng = np.random.default_rng(seed)
+    return [{n: (rng.standard_normal(p.shape) * 10.0 ** rng.integers(-6, 2)).astype(p.dtype)
+             for n, p in params.items()} for _ in range(steps)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-@pytest.mark.parametrize("layout", ["flat", "per-tensor", "replaced"])
-def test_adamw_kernel_is_bitwise_the_numpy_code(dtype, weight_decay, layout):
-    # same operations in the same order, each rounded to the dtype: identical bits, every tensor
-    # (the 0-d logit scale included), first and second moments included; whether the kernel
-    # runs once over the flat arrays or once per tensor
-    p_np, s_np, _ = _random_run("numpy", dtype, weight_decay)
-    p_nb, s_nb, _ = _random_run("numba", dtype, weight_decay, layout=layout)
-    assert s_np["t"] == s_nb["t"] == 4
-    for n in p_np:
-        assert p_nb[n].dtype == p_np[n].dtype and p_nb[n].shape == p_np[n].shape
-        assert np.array_equal(p_nb[n], p_np[n]), n
-        assert np.array_equal(s_nb["m"][n], s_np["m"][n]), n
-        assert np.array_equal(s_nb["v"][n], s_np["v"][n]), n
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_flat_adamw_is_bitwise_a_per_tensor_adamw(dtype, weight_decay, decay_embeddings):
+    # the same operations in the same order, each rounded to the dtype: identical bits for every
+    # tensor (the 0-d logit scale included), first and second moments included
+    params = init_params(ModelConfig(dtype=dtype), 0)
+    grads_seq = random_grads(params, 4)
+    lrs = [1e-3 * (t + 1) for t in range(4)]
+    want_p, want_m, want_v = plain_adamw(params, grads_seq, lrs, 0.9, 0.98, 1e-6, weight_decay,
+                                         decay_embeddings)
+    opt = AdamW(params, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=weight_decay,
+                decay_embeddings=decay_embeddings)
+    for grads, lr in zip(grads_seq, lrs):
+        opt.step(grads, lr)
+    assert opt.t == 4
+    for n in params:
+        assert opt.params[n].dtype == np.dtype(dtype) and opt.params[n].shape == params[n].shape
+        assert np.array_equal(opt.params[n], want_p[n]), n
+        assert np.array_equal(opt.m[n], want_m[n]), n
+        assert np.array_equal(opt.v[n], want_v[n]), n
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_global_norm_backends_agree(dtype):
-    # the kernel sums in float64 in another order than NumPy's pairwise sum
-    _, _, n_np = _random_run("numpy", dtype, 0.0, steps=1)
-    _, _, n_nb = _random_run("numba", dtype, 0.0, steps=1)
-    assert n_nb == pytest.approx(n_np, rel=1e-12) and n_np > 0
+def test_loaded_adamw_continues_as_if_it_had_never_stopped():
+    # what resuming from a checkpoint does: a new AdamW from the saved params, `load` of the
+    # saved moments and step count, then the remaining steps: bit for bit the uninterrupted run
+    params = init_params(SMALL, 0)
+    grads_seq = random_grads(params, 5)
+    straight = make_adamw(params)
+    for t, grads in enumerate(grads_seq):
+        straight.step(grads, 1e-3 * (t + 1))
+        if t == 1:
+            saved = ({n: p.copy() for n, p in straight.params.items()},
+                     {n: a.copy() for n, a in straight.m.items()},
+                     {n: a.copy() for n, a in straight.v.items()}, straight.t)
+    resumed = make_adamw(saved[0])
+    resumed.load(saved[1], saved[2], saved[3])
+    assert resumed.t == 2
+    for t, grads in enumerate(grads_seq[2:], start=2):
+        resumed.step(grads, 1e-3 * (t + 1))
+    assert resumed.t == straight.t == 5
+    for n in params:
+        assert np.array_equal(resumed.params[n], straight.params[n]), n
+        assert np.array_equal(resumed.m[n], straight.m[n]) and np.array_equal(resumed.v[n], straight.v[n]), n
 
 
-def test_sum_squares_handles_every_length():
-    from minispatial import kernels
+def test_adamw_puts_params_and_moments_in_one_array_each():
+    params = init_params(SMALL, 0)
+    opt = make_adamw(params, weight_decay=0.0)
+    total = sum(p.size for p in params.values())
+    assert opt.flat_p.shape == opt.flat_m.shape == opt.flat_v.shape == (total,)
+    assert opt.ends[-1] == total and len(opt.ends) == len(params)
+    for n, p in opt.params.items():
+        assert np.array_equal(p, params[n]) and np.shares_memory(p, opt.flat_p)
+        assert np.shares_memory(opt.m[n], opt.flat_m) and np.shares_memory(opt.v[n], opt.flat_v)
+    # one update call per step, over the whole flat buffer; its results are seen through the views
+    calls = []
 
-    rng = np.random.default_rng(0)
-    for n in (0, 1, 7, 8, 9, 1000):
-        x = rng.standard_normal(n).astype(np.float32)
-        assert kernels.sum_squares(x) == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-12, abs=0)
+    def update(p, g, m, v, ends, decays, *rest):
+        calls.append((p, g, m, v, ends, decays))
+        adamw_update(p, g, m, v, ends, decays, *rest)
 
-
-def test_adamw_update_rejects_mismatched_arrays():
-    from minispatial import kernels
-
-    p = np.zeros(4, dtype=np.float32)
-    consts = kernels.adamw_constants(np.float32, 0.9, 0.99, 1.0, 1e-8, 1e-3)
-    with pytest.raises(ValueError, match="does not match the parameter"):
-        kernels.adamw_update(p, np.zeros(3, dtype=np.float32), p.copy(), p.copy(), 1.0, consts)
-    with pytest.raises(ValueError, match="does not match the parameter"):
-        kernels.adamw_update(p, np.zeros(4, dtype=np.float64), p.copy(), p.copy(), 1.0, consts)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        kernels.adamw_update(np.zeros(8, dtype=np.float32)[::2], p, p.copy(), p.copy(), 1.0, consts)
-
-
-def test_flatten_puts_params_and_moments_in_one_array_each():
-    params = init_params(ModelConfig(d_model=8, n_heads=2, d_head=4), 0)
-    values = {n: p.copy() for n, p in params.items()}
-    state = adamw_init(params)
-    flat = state["flat"]
-    assert flat["p"].size == flat["m"].size == flat["v"].size == sum(p.size for p in values.values())
-    for n, p in params.items():
-        assert np.array_equal(p, values[n]) and np.shares_memory(p, flat["p"])
-        assert np.shares_memory(state["m"][n], flat["m"]) and np.shares_memory(state["v"][n], flat["v"])
-    # a step through the flat arrays is seen through the dict's views
-    from minispatial import ops
-
-    with ops.use_backend("numba"):
-        adamw_step(params, {n: np.ones_like(p) for n, p in params.items()}, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)
-    for n, p in params.items():                                     # g = 1: a step of ~lr
-        np.testing.assert_allclose(p, values[n] - 1e-2, rtol=0, atol=1e-6, err_msg=n)
-    assert np.array_equal(flat["g"], np.ones_like(flat["g"]))       # the flat path ran
-    # mixed dtypes: nothing to flatten, the dicts keep their arrays
-    mixed = {"a.W_Q": np.zeros(3, np.float32), "b.W_Q": np.zeros(2, np.float64)}
-    state = adamw_init(mixed)
-    assert "flat" not in state and mixed["a.W_Q"].dtype == np.float32
+    opt.update = update
+    opt.step({n: np.ones_like(p) for n, p in params.items()}, 1e-2)
+    assert len(calls) == 1
+    p, g, m, v, ends, decays = calls[0]
+    assert p is opt.flat_p and m is opt.flat_m and v is opt.flat_v and g.shape == (total,)
+    assert np.array_equal(g, np.ones(total, np.float32)) and list(ends) == list(opt.ends)
+    assert np.array_equal(decays, np.ones(len(params)))                 # weight_decay 0
+    for n, p in opt.params.items():                                     # g = 1: a step of ~lr
+        np.testing.assert_allclose(p, params[n] - 1e-2, rtol=0, atol=1e-6, err_msg=n)
+    # mixed dtypes cannot share one flat buffer: refused, naming them
+    with pytest.raises(ValueError, match=r"several dtypes \['float32', 'float64'\]"):
+        make_adamw({"a.W_Q": np.zeros(3, np.float32), "b.W_Q": np.zeros(2, np.float64)})
 
 
-def test_adamw_update_flat_rejects_bad_layouts():
-    from minispatial import kernels
+@pytest.mark.parametrize("step", ["reference", "fast"])
+def test_adamw_step_rejects_bad_gradients_before_changing_anything(step):
+    # whichever update function runs (the NumPy one, or the fast step's), the gradients are
+    # checked first
+    from minispatial.step import choose
 
-    p = np.zeros(5, dtype=np.float32)
-    consts = kernels.adamw_constants(np.float32, 0.9, 0.99, 1.0, 1e-8, 1e-3)
-    ends, decays = np.array([2, 5]), np.ones(2)
-    with pytest.raises(ValueError, match="does not match the parameters"):
-        kernels.adamw_update_flat(p, np.zeros(4, np.float32), p.copy(), p.copy(), ends, decays, consts)
-    with pytest.raises(ValueError, match="ends\\[-1\\] = len\\(p\\)"):
-        kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), np.array([2, 4]), decays, consts)
-    with pytest.raises(ValueError, match="of one length"):
-        kernels.adamw_update_flat(p, p.copy(), p.copy(), p.copy(), ends, np.ones(3), consts)
-
-
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_adamw_step_rejects_bad_gradients_before_changing_anything(backend):
-    from minispatial import ops
-
-    params = init_params(ModelConfig(d_model=8, n_heads=2, d_head=4), 0)
-    state = adamw_init(params)
+    params = init_params(SMALL, 0)
+    opt = make_adamw(params, weight_decay=0.0, update=choose(step).adamw_update)
     good = {n: np.ones_like(p) for n, p in params.items()}
-    before = {n: p.copy() for n, p in params.items()}
+    flat_before = [a.copy() for a in (opt.flat_p, opt.flat_m, opt.flat_v)]
     bad_cases = [
         ({**good, "text.W_E": good["text.W_E"].astype(np.float64)}, "gradient of text.W_E is shape .* dtype float64"),
         ({**good, "vision.W_pos": good["vision.W_pos"][:-1]}, "gradient of vision.W_pos is shape"),
         ({n: g for n, g in good.items() if n != "logit_scale"}, "gradient of logit_scale is missing"),
+        ({**good, "text.W_pos": good["text.W_pos"].tolist()}, "gradient of text.W_pos is list"),
     ]
-    with ops.use_backend(backend):
-        for grads, msg in bad_cases:
-            with pytest.raises(ValueError, match=msg):
-                adamw_step(params, grads, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)
-            assert state["t"] == 0
-            assert all(np.array_equal(p, before[n]) for n, p in params.items())
-        adamw_step(params, good, state, 1e-2, 0.9, 0.98, 1e-6, 0.0)     # and the good one still runs
-    assert state["t"] == 1 and not np.array_equal(params["text.W_E"], before["text.W_E"])
+    for grads, msg in bad_cases:
+        with pytest.raises(ValueError, match=msg):
+            opt.step(grads, 1e-2)
+        assert opt.t == 0
+        for a, b in zip((opt.flat_p, opt.flat_m, opt.flat_v), flat_before):
+            assert np.array_equal(a, b)
+    opt.step(good, 1e-2)                                                # and the good one still runs
+    assert opt.t == 1 and not np.array_equal(opt.params["text.W_E"], params["text.W_E"])

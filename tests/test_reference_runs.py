@@ -35,6 +35,7 @@ import pytest
 from minispatial import config as config_mod
 from minispatial import machine
 from minispatial import train as train_mod
+from minispatial.reporting import clean_json
 
 REPRO = Path(__file__).resolve().parent.parent / "reference_runs" / "repro"
 
@@ -44,7 +45,7 @@ FLOAT64_RTOL, FLOAT64_ATOL = 1e-7, 1e-10
 # float32 on a machine whose fingerprint differs from the recording one: a sanity bound, not a
 # guard (the float64 record is the guard). Measured across core types: <= 0.03 on an accuracy.
 FLOAT32_TOL = 0.1
-NOT_METRICS = ("backend",)        # which step ran: the numpy/numba backends must agree otherwise
+NOT_METRICS = ("backend",)        # which step ran ("numba": fast, "numpy": reference); they must agree otherwise
 
 
 def recorded(name: str) -> dict:
@@ -74,12 +75,11 @@ def float32_close(a: float, b: float) -> bool:
     return math.isfinite(b) and abs(a - b) <= FLOAT32_TOL * max(1.0, abs(a))
 
 
-def train_cli(config: str, out: Path, env_extra: dict | None = None) -> dict:
+def train_cli(config: str, out: Path, env_extra: dict | None = None, step: str = "fast") -> dict:
     """Train a recorded config through the CLI (as sweeps do) in a fresh process; -> summary."""
-    env = {k: v for k, v in os.environ.items() if k != "MINISPATIAL_BACKEND"}
-    env.update(env_extra or {})
+    env = {**os.environ, **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "minispatial", "train", "--config", str(REPRO / config),
-                           "--out", str(out), "--quiet", "--json"],
+                           "--out", str(out), "--quiet", "--json", "--step", step],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text()) == recorded(config)
@@ -158,16 +158,18 @@ def simulated_machines() -> list:
                                   {"numpy_simd": [t for t in simd if t not in off]},
                                   id="numpy-no-avx512" if avx512 else "numpy-baseline-only"))
     cases.append(pytest.param({"NUMBA_CPU_NAME": "generic"}, {"numba_cpu": "generic"}, id="numba-generic"))
-    cases.append(pytest.param({"MINISPATIAL_BACKEND": "numpy"}, {}, id="numpy-reference-step"))
+    cases.append(pytest.param({}, {"step": "reference"}, id="numpy-reference-step"))
     return cases
 
 
 @pytest.mark.parametrize("env_extra, expect", simulated_machines())
 def test_float64_record_reproduces_on_simulated_machine(tmp_path, env_extra, expect):
+    expect = dict(expect)
+    step = expect.pop("step", "fast")
     seen = fingerprint_under(env_extra)
     for k, v in expect.items():
         assert seen[k] == v, f"the simulation {env_extra} did not take effect: {k} = {seen[k]!r}"
-    got = train_cli("float64.config.json", tmp_path / "run", env_extra)
+    got = train_cli("float64.config.json", tmp_path / "run", env_extra, step)
     bad = diffs(recorded("float64.summary.json"), got, float64_close)
     assert not bad, f"under {env_extra} the float64 record does not reproduce: {bad}"
 
@@ -233,7 +235,7 @@ def test_float64_guard_catches_changes(tmp_path, monkeypatch, name):
         monkeypatch.setattr(train_mod, attr, fn)
     overrides = {k: str(v) for k, v in cfg_changes.items()}
     cfg = config_mod.make_config(overrides, base=recorded("float64.config.json"))
-    got = train_mod.strict_json(train_mod.train(cfg, tmp_path / "run", verbose=False))
+    got = clean_json(train_mod.train(cfg, tmp_path / "run", verbose=False))
     want = recorded("float64.summary.json")
     bad = diffs(want, got, float64_close)
     if name == "none":
