@@ -1,4 +1,4 @@
-"""Inside a trained dual encoder (docs/analysis.md, PAPER.md §6): the attention-logit
+"""Inside a trained dual encoder (docs/analysis.md, docs/paper.md §6): the attention-logit
 decomposition, the horizontal attention gradient, head classes, the text EOT attention,
 label-embedding alignment, and inference-time ablations of score terms; over several runs, their
 mean ± std.

@@ -27,8 +27,8 @@ FLOPs (multiply-adds count 2; exp, softmax and the optimizer are not counted):
 - fast: the matrix products the fast step executes, as listed by minispatial/fast/products.py
   (`step_products`, summed by `fast_flops`; its docstring has the legend). The numba kernels' adds,
   exp and the softmaxes, the L2 norm and AdamW are not counted (they are not matrix products).
-The issue's bar ("half the machine's float32 matmul throughput on the work the step really
-needs") is the fast count divided by the step time, against the sgemm rate measured in this run
+The efficiency figure (the fraction of the machine's float32 matmul throughput spent on the work
+the step really needs) is the fast count divided by the step time, against the sgemm rate measured in this run
 (a 2048 x 2048 float32 NumPy matmul). The naive count is reported too; it flatters the fast path.
 Beside it the report gives a floor: the same products alone, back to back as NumPy matmuls on
 contiguous operands with nothing between them (`products_alone`), against the time half of
