@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("minispatial.evaluate", "main", "recompute every evaluation metric from a checkpoint"),
     "sweep": ("minispatial.tools.sweep.cli", "main", "run a grid of trainings over seeds and collect results.csv"),
     "analyze": ("minispatial.analysis.cli", "main", "attention-logit decomposition, horizontal gradient, ablations"),
+    "report": ("minispatial.tools.report.cli", "main", "one self-contained HTML page of runs: metrics, curves, analysis"),
     "gradcheck": ("minispatial.gradcheck", "main", "finite-difference check of every op and parameter"),
     "bench": ("minispatial.tools.bench", "main", "time a training step (both steps, optionally PyTorch)"),
 }

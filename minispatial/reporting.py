@@ -3,6 +3,7 @@ and matplotlib for figures.
 
     clean_json(obj)              NaN/inf -> None, numpy scalars and arrays -> Python, recursively
     mean_std(values)             {"mean", "std", "n"}: mean and sample std (ddof=1) over the defined values
+    t975(df), mean_ci(values)    Student's t quantile (a table, no scipy) and mean ± 95% t-interval
     format_table(header, rows)   one aligned plain-text table
     pyplot()                     matplotlib.pyplot on the file-only Agg backend (ImportError naming
                                  the `plot` extra when matplotlib is missing)
@@ -84,6 +85,37 @@ def _column_mean_std(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:
         return mean, math.nan
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# Mean ± 95% confidence interval over runs: mean ± t(0.975, n-1) · s/√n with s the sample std
+# (ddof=1, mean_std). The t quantiles come from a table: exact to 4 decimals for 1..30 degrees
+# of freedom; above 30 the next lower entry (40, 60, 120: slightly wider, conservative), 1.96
+# beyond 1000.
+# t(0.975, df) for df = 1..30
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+T975_LARGE = ((120, 1.9799), (60, 2.0003), (40, 2.0211), (30, 2.0423))   # df >= key
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` >= 1 degrees of freedom (module docstring)."""
+    if df < 1:
+        raise ValueError(f"t975: df={df} must be >= 1")
+    if df <= len(T975):
+        return T975[df - 1]
+    if df > 1000:
+        return 1.9600
+    return next(t for k, t in T975_LARGE if df >= k)
+
+
+def mean_ci(values) -> dict:
+    """Over the runs' values (None/NaN/inf = undefined, left out): {"mean", "ci", "n"}, ci the
+    half-width of the 95% t-interval (NaN below two defined values; mean NaN with none)."""
+    s = mean_std(values)
+    n = s["n"]
+    ci = t975(n - 1) * s["std"] / math.sqrt(n) if n >= 2 else math.nan
+    return {"mean": s["mean"], "ci": ci, "n": n}
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence], *, align: str | Sequence[str] = "r",

@@ -20,6 +20,7 @@ from minispatial import step as steps
 from minispatial.analysis import measure
 from minispatial.analysis.ablate import DEFAULT_ABLATIONS
 from minispatial.analysis.decompose import ALL_TERMS
+from minispatial.analysis.figures import save_paper_figures
 from minispatial.analysis.plots import save_aggregate_plots, save_plots
 from minispatial.analysis.report import format_aggregate, format_report
 from minispatial.analysis.runs import aggregate_reports, check_same_shape
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write that JSON to FILE")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="save PNGs in DIR (needs matplotlib): heat maps and CLS-row curves of one "
-                        "checkpoint, or of several the EP curves and the ablation table over runs")
+                        "checkpoint, or of several the ablation table over runs; and the paper's "
+                        "figures (analysis/figures.py: term heat maps, sign-aligned EP curves, "
+                        "attention examples)")
     return p
 
 
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         written = []
         if args.plots:
             written = save_plots(doc, args.plots) if agg is None else save_aggregate_plots(agg, args.plots)
+            written += [str(f) for f in save_paper_figures(
+                [(run_cfg, params, rep) for (run_cfg, params, *_), rep in zip(loaded, reports)], args.plots)]
     except (ValueError, OSError, ImportError) as e:
         print(f"minispatial analyze: error: {e}", file=sys.stderr)
         return 2

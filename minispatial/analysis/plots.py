@@ -1,5 +1,6 @@
 """The analysis as figures (PNG; matplotlib, the `plot` extra): `save_plots` for one model's
-report, `save_aggregate_plots` for the mean ± std over runs. Both raise reporting.py's
+report, `save_aggregate_plots` for the ablation table over runs (the paper's figures:
+figures.py `save_paper_figures`). Both raise reporting.py's
 ImportError (naming the extra) when matplotlib is missing."""
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from minispatial.analysis.decompose import F64, TOWERS
-from minispatial.analysis.report import plus_minus
 from minispatial.reporting import pyplot
 
 PLOT_METRICS = ("val_unseen_pair.lr_acc", "val_unseen_pair.labelset_acc", "val_seen_pair.lr_acc",
@@ -68,34 +68,14 @@ def save_plots(res: dict, out_dir) -> list[str]:
     return written
 
 
-def save_aggregate_plots(agg: dict, out_dir, term: str = "EP") -> list[str]:
-    """For an aggregate_reports dict, as PNGs in out_dir: per vision layer, the CLS-row curve of
-    `term` per head (mean over runs, a ±std band, each run in grey), and a bar chart of the
-    ablation table (mean, std as error bars) -> the files written."""
+def save_aggregate_plots(agg: dict, out_dir) -> list[str]:
+    """For an aggregate_reports dict, as a PNG in out_dir: a bar chart of the ablation table (mean,
+    std as error bars) -> the files written. (The CLS-row EP curves over runs, sign-aligned, are
+    analysis/figures.py's; the old mean of curves of opposite signs is gone.)"""
     plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for e in agg["vision"]:
-        H = len(e["heads"])
-        fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.0), squeeze=False, sharey=True)
-        for h, head in enumerate(e["heads"]):
-            ax, curve = axes[0, h], head["terms"][term]["curve"]
-            mean, std = np.array(curve["mean"], dtype=F64), np.array(curve["std"], dtype=F64)
-            x = np.arange(len(mean))
-            for run in curve["values"]:
-                ax.plot(x, run, color="0.7", lw=0.8)
-            ax.fill_between(x, mean - np.nan_to_num(std), mean + np.nan_to_num(std), color="C0", alpha=0.25)
-            ax.plot(x, mean, color="C0", marker=".")
-            ax.set_title(f"head {h}: slope {plus_minus(head['terms'][term]['slope'], '+.3f')}", fontsize=8)
-            ax.set_xlabel("key pixel")
-        axes[0, 0].set_ylabel(f"CLS-row {term} (label-averaged)")
-        fig.suptitle(f"vision layer {e['layer']}: {term} on the CLS row, mean ± std over "
-                     f"{agg['n_runs']} runs (grey: each run)", fontsize=9, y=1.03)
-        path = out_dir / f"vision_layer{e['layer']}_{term}_curve_runs.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(str(path))
     abls = agg["ablations"]
     metrics = [m for m in PLOT_METRICS if m in abls[0]["metrics"]]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(abls), 3.2))

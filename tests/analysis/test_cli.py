@@ -114,7 +114,7 @@ def test_analyze_command_on_several_checkpoints(an_two_runs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 runs" in text and "±" in text and "relational heads per run" in text
     assert f"wrote {out}" in text
-    assert (tmp_path / "plots" / "vision_layer0_EP_curve_runs.png").is_file()
+    assert (tmp_path / "plots" / "vision_layer0_EP_curve_aligned.png").is_file()
     assert (tmp_path / "plots" / "ablations_runs.png").is_file()
 
 

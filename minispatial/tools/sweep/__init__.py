@@ -38,6 +38,9 @@ Files in DIR:
     results.csv       one row per run: run, status, error, grid keys, seed, wall_s, every summary field
     summary.csv       mean and sample std (ddof=1) over seeds of every numeric column, per grid point
     figures/<metric>.png  key metrics against the first grid key (needs matplotlib: extra `plot`)
+    figures/generalisation.png  single-object, seen- and unseen-pair accuracy, mean and 95%
+                      t-interval over seeds; `minispatial sweep --out DIR --replot` rebuilds the
+                      figures from results.csv without training
 results.csv, summary.csv and sweep.json are replaced atomically (temporary file + rename): a
 failed write (disk full) leaves the previous file whole.
 

@@ -3,6 +3,7 @@
     minispatial sweep --grid n_pair=5,10,15 [--grid KEY=V1,V2 ...] --seeds 0-4
                       [--key value ...] [--set key=value ...] [--preset NAME] --out DIR
                       [--workers N] [--quiet]
+    minispatial sweep --out DIR --replot     (figures again from DIR/results.csv, no training)
 
 What a sweep does and the files it writes: minispatial/tools/sweep/__init__.py.
 """
@@ -23,14 +24,14 @@ from minispatial.tools.sweep.runner import OutDirError
 INTERRUPTED = "minispatial sweep: interrupted; run the same command again to resume"
 # the sweep's own options (whether each takes a value); every other --word is a config field
 OPTIONS = {"--grid": True, "--seeds": True, "--set": True, "--preset": True, "--out": True,
-           "--workers": True, "--quiet": False, "--help": False}
+           "--workers": True, "--quiet": False, "--replot": False, "--help": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minispatial sweep", allow_abbrev=False,      # `--seed` is a config field, not --seeds
         usage="minispatial sweep --out DIR [--grid KEY=V1,V2,...] [--seeds S] [--key value ...] "
-              "[--preset NAME] [--workers N] [--quiet]",
+              "[--preset NAME] [--workers N] [--quiet] | minispatial sweep --out DIR --replot",
         description="Train one run per (grid point, seed) in subprocesses and collect results.csv, "
                     "summary.csv (mean/std over seeds) and figures. Any config field of "
                     "`minispatial train` is fixed for every run as there: --name value "
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--quiet", action="store_true", help="no line per finished run")
+    p.add_argument("--replot", action="store_true",
+                   help="only rebuild DIR/figures from DIR/results.csv (no training; every other "
+                        "option is ignored)")
     return p
 
 
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(own)
     except SystemExit as e:  # argparse printed the message (or the help)
         return e.code if isinstance(e.code, int) else 2
+    if args.replot:
+        return _replot(parser, Path(args.out))
     try:
         try:                              # everything is validated before anything runs
             if args.workers < 1:
@@ -149,7 +155,7 @@ def _sweep(args, argv, parser, out, grid, seeds, sets, runs, cfgs, pass_fds) -> 
         rows = results.write_tables(out, entries, union, extras, records)
         grid_values = figures.figure_grid(rows, [*union, *extras], union)
         try:
-            written = figures.plot_figures(rows, grid_values, out / "figures")
+            written = figures.all_figures(rows, grid_values, out / "figures")
         except OSError as e:
             raise OSError(e.errno, e.strerror or str(e), e.filename or str(out / "figures")) from None
     except OSError as e:
@@ -176,6 +182,21 @@ def _sweep(args, argv, parser, out, grid, seeds, sets, runs, cfgs, pass_fds) -> 
         print(INTERRUPTED, file=sys.stderr)
         return 130
     return 1 if failed else 0
+
+
+def _replot(parser, out: Path) -> int:
+    """--replot: DIR/figures again from DIR/results.csv -> 0, 1 without matplotlib, 2 when
+    results.csv cannot be read."""
+    try:
+        written = figures.replot(out)
+    except OSError as e:
+        _error(parser, f"--replot needs {out / 'results.csv'}: {e.strerror or e}", usage=False)
+        return 2
+    if written is None:
+        print(f"matplotlib is not installed: no figures ({PLOT_INSTALL})", file=sys.stderr)
+        return 1
+    print(f"replot: {len(written)} figures in {out / 'figures'}")
+    return 0
 
 
 if __name__ == "__main__":
