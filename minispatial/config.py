@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from minispatial.data import TestbedConfig
+from minispatial.data import SAMPLERS, TestbedConfig
 from minispatial.model import ModelConfig
 from minispatial.text import FIRST_LABEL_ID, TEXT_LEN
 
@@ -31,7 +31,9 @@ class TrainConfig:
     see reference_runs/README.md for the search behind them)."""
 
     steps: int = 1500
-    batch_size: int = 128         # capped at the number of distinct captions in the train split
+    batch_size: int = 128         # capped at the sampler's cap (data.sampler_cap) on the train split
+    sampler: str = "distinct"     # "distinct": one example per distinct scene (no repeated caption);
+                                  # "uniform": examples uniformly without replacement (plain CLIP)
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.98
@@ -69,6 +71,8 @@ class TrainConfig:
             bad("decay_embeddings", "true or false")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"one of {SCHEDULES}")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"one of {SAMPLERS}")
 
 
 @dataclass(frozen=True)

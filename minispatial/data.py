@@ -476,9 +476,20 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray, int]], image_len: int, tok
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_batch(split: Split, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """-> int64 [B] indices into `split`, B = min(batch_size, split.n_scenes): one per distinct scene.
+SAMPLERS = ("distinct", "uniform")
 
+
+def sampler_cap(split: Split, sampler: str = "distinct") -> int:
+    """The largest batch `sample_batch` draws from `split`: its distinct scenes or (uniform) examples."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is invalid: must be one of {SAMPLERS}")
+    return split.n_scenes if sampler == "distinct" else len(split)
+
+
+def sample_batch(split: Split, batch_size: int, rng: np.random.Generator, sampler: str = "distinct") -> np.ndarray:
+    """-> int64 [B] indices into `split`, B = min(batch_size, sampler_cap(split, sampler)).
+    "uniform" (plain CLIP): distinct examples uniformly without replacement from the whole split,
+    so a caption can repeat in a batch (a false negative). "distinct" (default): one per scene.
     Why distinct scenes: CLIP's loss treats every other caption in the batch as a negative. Here
     many images share one caption (same label pair, different layout), so a caption repeated in a
     batch would make a true image-caption match count as a negative (a false negative). The sampler
@@ -492,7 +503,9 @@ def sample_batch(split: Split, batch_size: int, rng: np.random.Generator) -> np.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"sample_batch: batch_size={batch_size!r} is invalid: must be an int >= 1")
-    n = min(int(batch_size), split.n_scenes)
+    n = min(int(batch_size), sampler_cap(split, sampler))
+    if sampler == "uniform":
+        return rng.choice(len(split), size=n, replace=False).astype(np.int64)
     keys = rng.choice(split.n_scenes, size=n, replace=False)  # [B] group ids
     offsets = rng.integers(0, split.key_count[keys])  # [B] which example of each scene
     return split.key_order[split.key_start[keys] + offsets].astype(np.int64)

@@ -4,7 +4,8 @@
 
 Legend: N images (examples) of a split, K candidate captions, E feature width, n = n_labels.
 The metrics (n, i2t_acc, t2i_acc, lr_acc, lr_acc_right, labelset_acc, labelset_acc_single,
-pos_cos, neg_cos, loss, and logit_scale), how ties count (TIE_TOL) and which captions are
+pos_cos, neg_cos, loss, i2t_acc_{pair,single,heldout}_labels, lr_acc_recognised, and
+logit_scale), how ties count (TIE_TOL) and which captions are
 candidates are defined once, in docs/metrics.md. All scores are cosines of the L2-normalised
 features, computed in float64.
 
@@ -42,7 +43,8 @@ from minispatial.step import STEPS, choose
 from minispatial.text import left_caption, right_caption, single_caption
 
 METRICS = ("n", "i2t_acc", "t2i_acc", "lr_acc", "lr_acc_right", "labelset_acc",
-           "labelset_acc_single", "pos_cos", "neg_cos", "loss")
+           "labelset_acc_single", "pos_cos", "neg_cos", "loss",
+           "i2t_acc_pair_labels", "i2t_acc_single_labels", "i2t_acc_heldout_labels", "lr_acc_recognised")
 TIE_TOL = 1e-9            # cosines closer than this count as tied
 LOSS_BATCH = 128          # batch of the `loss` metric (capped at the split's distinct scenes)
 SCORE_CHUNK_ELEMS = 1 << 20  # entries per score-matrix chunk (8 MB of float64)
@@ -178,6 +180,14 @@ def _mean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else math.nan
 
 
+def label_groups(cfg) -> dict[str, np.ndarray]:
+    """{metric: labels} of the i2t_acc_*_labels metrics for a TestbedConfig: the pair labels
+    1..n_pair, the labels only ever alone in training n_pair+1..n_labels-n_heldout, the held-out."""
+    return {"i2t_acc_pair_labels": np.arange(1, cfg.n_pair + 1),
+            "i2t_acc_single_labels": np.arange(cfg.n_pair + 1, cfg.n_labels - cfg.n_heldout + 1),
+            "i2t_acc_heldout_labels": np.asarray(cfg.heldout_labels, dtype=np.int64)}
+
+
 # --------------------------------------------------------------------------------------------
 # the metrics
 
@@ -211,23 +221,31 @@ def evaluate_split(params: dict, testbed: Testbed, name: str, model_cfg: ModelCo
     out["t2i_acc"] = _mean(t2i)
     out["pos_cos"] = _mean(_rowwise_cos(img, bank.feats[own]))
     out["neg_cos"] = neg_sum / neg_n if neg_n else math.nan
+    # i2t_acc of the one-object images, by label group (NaN on splits without one-object images)
+    pair = split.is_pair
+    for metric, labels in label_groups(testbed.config).items():
+        out[metric] = _mean(i2t[~pair & np.isin(split.labels[:, 0], labels)])
 
     # left-right discrimination: true caption against the one with the labels swapped
-    pair = split.is_pair
     a, b = split.labels[pair, 0], split.labels[pair, 1]
     ip = img[pair]                                                    # [Np, E]
     forms = [("lr_acc", bank.left)] + ([("lr_acc_right", bank.right)] if "lr_acc_right" in out else [])
+    lr_credit = {}
     for metric, table in forms:
-        credit = pair_credit(_rowwise_cos(ip, bank.feats[table[a, b]]),
-                             _rowwise_cos(ip, bank.feats[table[b, a]]))
-        out[metric] = _mean(credit)
+        lr_credit[metric] = pair_credit(_rowwise_cos(ip, bank.feats[table[a, b]]),
+                                        _rowwise_cos(ip, bank.feats[table[b, a]]))
+        out[metric] = _mean(lr_credit[metric])
 
     # label-set recognition among every caption of the same kind
     n_lab = testbed.config.n_labels
     pairs = bank.feats[bank.left[bank.pair_a, bank.pair_b]]           # [P, E]
     pair_key = scene_keys(np.sort(np.stack([bank.pair_a, bank.pair_b], 1), axis=1), n_lab)
     set_key = scene_keys(np.sort(np.stack([a, b], 1), axis=1), n_lab)  # order-free key of {a, b}
-    out["labelset_acc"] = _mean(_retrieval(ip, set_key, pairs, pair_key)[0])
+    recognised = _retrieval(ip, set_key, pairs, pair_key)[0]         # [Np] credit, ties fractional
+    out["labelset_acc"] = _mean(recognised)
+    # lr_acc over the recognised images, each weighted by its label-set credit
+    weight = float(recognised.sum())
+    out["lr_acc_recognised"] = float((lr_credit["lr_acc"] * recognised).sum() / weight) if weight > 0 else math.nan
     singles = bank.feats[bank.single[1:]]                             # [n, E]
     out["labelset_acc_single"] = _mean(_retrieval(img[~pair], split.labels[~pair, 0], singles,
                                                   np.arange(1, n_lab + 1))[0])

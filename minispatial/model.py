@@ -36,7 +36,7 @@ import numpy as np
 
 from minispatial import data, memory, ops
 
-INITS = ("torch", "clip")
+INITS = ("torch", "clip", "scaled")
 EMBED_SCALES = ("none", "sqrt_d")
 DTYPES = ("float32", "float64")
 TOWERS = ("vision", "text")
@@ -60,7 +60,9 @@ class ModelConfig:
     proj_dim: int = 0             # E; 0 = no projection after pooling (feature = pooled row)
     embed_scale: str = "none"     # "sqrt_d": token embeddings times sqrt(D) (authors' base code)
     init: str = "clip"            # "clip": OpenAI CLIP's scheme (default, chosen by the search in
-                                  # reference_runs/); "torch": PyTorch defaults (authors' base code)
+                                  # reference_runs/); "torch": PyTorch defaults (authors' base code);
+                                  # "scaled": normal draws with stds between the two (init_scale)
+    init_scale: float = 0.0       # a in [0, 1] of init="scaled": std = std_clip^(1-a) * std_torch^a
     logit_scale_init: float = math.log(1 / 0.07)
     dtype: str = "float32"
     vision_vocab: int = 21        # pixel values 0..n_labels (0 = background)
@@ -85,6 +87,9 @@ class ModelConfig:
         v = self.logit_scale_init
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= math.log(100.0)):
             raise ValueError(f"ModelConfig.logit_scale_init={v!r} is invalid: must be a number in [0, ln 100]")
+        v = self.init_scale
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"ModelConfig.init_scale={v!r} is invalid: must be a finite number in [0, 1]")
         # memory: the parameters, their gradients and AdamW moments and one example's activations
         # (the batch is checked where it is known: check_run_memory, `minispatial bench`)
         memory.check_memory(self.memory_subject(), estimate_model_bytes(self, 1),
@@ -159,13 +164,18 @@ def estimate_model_bytes(cfg: ModelConfig, batch: int, train: bool = True) -> in
     return int(item * (7 * n_params(cfg) + _activation_elems(cfg, int(batch), train)) + (1 << 20))
 
 
-def estimate_run_bytes(data_cfg, model_cfg: ModelConfig, batch_size: int) -> int:
+def _train_cap(data_cfg, sampler: str) -> int:
+    # the largest training batch of `sampler` (data.sampler_cap), from the config alone
+    return data.split_sizes(data_cfg)["train"] if sampler == "uniform" else data.n_train_scenes(data_cfg)
+
+
+def estimate_run_bytes(data_cfg, model_cfg: ModelConfig, batch_size: int, sampler: str = "distinct") -> int:
     """Peak memory of `minispatial train` for a TestbedConfig, a ModelConfig and a batch size:
     the testbed, plus the larger of a training step (the batch capped at the distinct training
     scenes, as `data.sample_batch` caps it) and evaluation (one tower's forward on
     ENCODE_CHUNK rows, and the caption bank of every n (2n - 1) caption: its
     features, tokens and strings)."""
-    B = min(int(batch_size), data.n_train_scenes(data_cfg))
+    B = min(int(batch_size), _train_cap(data_cfg, sampler))
     n = data_cfg.n_labels
     E = model_cfg.proj_dim or model_cfg.d_model
     bank = n * (2 * n - 1) * (8 * E + 8 * (model_cfg.text_ctx + 1) + 130) + 16 * (n + 1) ** 2
@@ -173,15 +183,15 @@ def estimate_run_bytes(data_cfg, model_cfg: ModelConfig, batch_size: int) -> int
     return data.estimate_testbed_bytes(data_cfg) + max(estimate_model_bytes(model_cfg, B), evaluation)
 
 
-def check_run_memory(data_cfg, model_cfg: ModelConfig, batch_size: int) -> None:
+def check_run_memory(data_cfg, model_cfg: ModelConfig, batch_size: int, sampler: str = "distinct") -> None:
     """ValueError when `estimate_run_bytes` is over the memory limit (memory.memory_limit_bytes):
     naming TrainConfig.batch_size when a batch of 1 would fit, else the testbed's and the
     model's size fields above their defaults."""
-    need = estimate_run_bytes(data_cfg, model_cfg, batch_size)
+    need = estimate_run_bytes(data_cfg, model_cfg, batch_size, sampler)
     if need <= memory.memory_limit_bytes():
         return
-    B = min(int(batch_size), data.n_train_scenes(data_cfg))
-    if estimate_run_bytes(data_cfg, model_cfg, 1) <= memory.memory_limit_bytes():
+    B = min(int(batch_size), _train_cap(data_cfg, sampler))
+    if estimate_run_bytes(data_cfg, model_cfg, 1, sampler) <= memory.memory_limit_bytes():
         subject = f"TrainConfig.batch_size={batch_size!r}"
     else:
         grown = [f"{f.name}={getattr(data_cfg, f.name)!r}" for f in dataclasses.fields(data_cfg)
@@ -231,8 +241,42 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _torch_fan_in(cfg: ModelConfig, leaf: str) -> int:
+    # fan_in of nn.Linear for a weight or bias leaf (W_O / b_O: H*Dh, W_out / b_out: d_mlp, else D)
+    return {"W_O": cfg.n_heads * cfg.d_head, "b_O": cfg.n_heads * cfg.d_head,
+            "W_out": cfg.d_mlp, "b_out": cfg.d_mlp}.get(leaf, cfg.d_model)
+
+
+def _clip_std(cfg: ModelConfig, name: str, leaf: str) -> float | None:
+    # the "clip" scheme's std of a tensor; None for its zero biases
+    D = cfg.d_model
+    tower = name.split(".", 1)[0]
+    n_layers = cfg.layers(tower) if tower in TOWERS else 1
+    return {"W_E": 0.02, "W_pos": 0.01, "class_embedding": D ** -0.5,
+            "W_Q": D ** -0.5, "W_K": D ** -0.5, "W_V": D ** -0.5,
+            "W_O": D ** -0.5 * (2 * n_layers) ** -0.5, "W_in": (2 * D) ** -0.5,
+            "W_out": D ** -0.5 * (2 * n_layers) ** -0.5, "W_proj": D ** -0.5}.get(leaf)
+
+
+def init_std(cfg: ModelConfig, name: str) -> float | None:
+    """The std of init="scaled" for parameter `name` at a = cfg.init_scale (None: not drawn,
+    i.e. LayerNorm and logit_scale). Weights: std_clip^(1-a) * std_torch^a, std_torch = 1 for
+    embeddings (N(0, 1)) and b/sqrt(3) for linears (U(-b, b), b = 1/sqrt(fan_in)); biases:
+    a * b/sqrt(3) (clip's are 0)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name == "logit_scale" or leaf in ("w", "b"):
+        return None
+    a = float(cfg.init_scale)
+    torch_std = 1.0 if leaf in ("W_E", "W_pos", "class_embedding") else \
+        1.0 / math.sqrt(_torch_fan_in(cfg, leaf)) / math.sqrt(3.0)
+    clip_std = _clip_std(cfg, name, leaf)
+    if clip_std is None:                                              # a bias
+        return a * torch_std
+    return clip_std ** (1.0 - a) * torch_std ** a
+
+
 def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    """Fresh parameters. Two documented schemes (`cfg.init`):
+    """Fresh parameters. Three documented schemes (`cfg.init`):
 
     "torch" (the authors' base code used PyTorch defaults): embeddings (W_E, W_pos,
         class_embedding) ~ N(0, 1) like nn.Embedding; every linear weight and bias (attention
@@ -242,15 +286,17 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
         torch scheme's N(0, 1) embeddings stop held-out labels from generalising): W_E ~ N(0, 0.02), W_pos ~ N(0, 0.01), class_embedding ~ N(0, D^-1/2),
         W_Q/W_K/W_V ~ N(0, D^-1/2), W_O ~ N(0, D^-1/2 (2 L)^-1/2), MLP W_in ~ N(0, (2D)^-1/2),
         W_out ~ N(0, D^-1/2 (2 L)^-1/2), W_proj ~ N(0, D^-1/2), biases 0.
+    "scaled" (a = cfg.init_scale in [0, 1]): every weight ~ N(0, std_clip^(1-a) std_torch^a),
+        every linear bias ~ N(0, a b/sqrt(3)) (`init_std`), LayerNorm as above. Biases are drawn
+        only when a > 0, so a = 0 draws the same stream as "clip" and is bit-identical to it;
+        a = 1 has the torch scheme's stds with normal instead of uniform draws.
     logit_scale = cfg.logit_scale_init (ln(1/0.07) by default). Deterministic given seed.
     """
     dt = np.dtype(cfg.dtype)
     rng = np.random.default_rng(seed)
-    D = cfg.d_model
     params: dict[str, np.ndarray] = {}
     for name, shape in param_shapes(cfg).items():
         leaf = name.rsplit(".", 1)[-1]
-        tower = name.split(".", 1)[0]
         if name == "logit_scale":
             arr = np.array(cfg.logit_scale_init)
         elif leaf in ("w",):
@@ -261,16 +307,13 @@ def init_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
             if leaf in ("W_E", "W_pos", "class_embedding"):
                 arr = rng.standard_normal(shape)
             else:
-                fan_in = {"W_O": cfg.n_heads * cfg.d_head, "b_O": cfg.n_heads * cfg.d_head,
-                          "W_out": cfg.d_mlp, "b_out": cfg.d_mlp}.get(leaf, D)
-                bound = 1.0 / math.sqrt(fan_in)
+                bound = 1.0 / math.sqrt(_torch_fan_in(cfg, leaf))
                 arr = rng.uniform(-bound, bound, size=shape)
+        elif cfg.init == "scaled":
+            std = init_std(cfg, name)
+            arr = np.zeros(shape) if std == 0.0 else rng.normal(0.0, std, size=shape)
         else:  # clip
-            n_layers = cfg.layers(tower) if tower in TOWERS else 1
-            std = {"W_E": 0.02, "W_pos": 0.01, "class_embedding": D ** -0.5,
-                   "W_Q": D ** -0.5, "W_K": D ** -0.5, "W_V": D ** -0.5,
-                   "W_O": D ** -0.5 * (2 * n_layers) ** -0.5, "W_in": (2 * D) ** -0.5,
-                   "W_out": D ** -0.5 * (2 * n_layers) ** -0.5, "W_proj": D ** -0.5}.get(leaf)
+            std = _clip_std(cfg, name, leaf)
             arr = np.zeros(shape) if std is None else rng.normal(0.0, std, size=shape)
         params[name] = np.array(arr, dtype=dt, order="C")  # (ascontiguousarray would make 0-d 1-d)
     return params

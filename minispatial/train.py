@@ -38,7 +38,7 @@ import numpy as np
 
 from minispatial import config as config_mod
 from minispatial.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_atomic
-from minispatial.data import make_testbed, sample_batch
+from minispatial.data import make_testbed, sample_batch, sampler_cap
 from minispatial.evaluate import evaluate_all
 from minispatial.model import check_run_memory, init_params
 from minispatial.optim import AdamW, clamp_logit_scale, clip_grads, lr_at
@@ -103,12 +103,14 @@ def _check_finite(params: dict, step: int, out: Path, last_saved: int, tc) -> No
 
 def check_batch(cfg, testbed) -> None:
     """TrainingError (exit 2) before training if the effective batch, batch_size capped at the
-    number of distinct training scenes (`sample_batch`), is < 2: a batch of 1 learns nothing."""
-    n_scenes = testbed.splits["train"].n_scenes
-    n = min(cfg.train.batch_size, n_scenes)
+    sampler's cap on the training split (`data.sampler_cap`: its distinct scenes, or its examples
+    with sampler "uniform"), is < 2: a batch of 1 learns nothing."""
+    cap = sampler_cap(testbed.splits["train"], cfg.train.sampler)
+    n = min(cfg.train.batch_size, cap)
     if n < 2:
+        what = "distinct scenes" if cfg.train.sampler == "distinct" else "examples"
         raise TrainingError(f"the effective batch size is {n} (batch_size = {cfg.train.batch_size} capped "
-                            f"at the {n_scenes} distinct scenes of the training split): it must be >= 2"
+                            f"at the {cap} {what} of the training split): it must be >= 2"
                             + config_mod.BATCH_WHY, exit_code=2)
 
 
@@ -130,7 +132,7 @@ def train(cfg, out, *, step: str = "fast", resume: bool = False, overwrite: bool
         raise ValueError(f"stop_after={stop_after!r} is invalid: must be an int >= 1")
     testbed = None
     if not resume:                  # a config that cannot train is refused before anything is written
-        check_run_memory(cfg.data, cfg.model, cfg.train.batch_size)
+        check_run_memory(cfg.data, cfg.model, cfg.train.batch_size, cfg.train.sampler)
         testbed = make_testbed(cfg.data)
         check_batch(cfg, testbed)
     # The step: the reference (model.py + optim.py, plain NumPy) or the fast one (minispatial/fast/:
@@ -198,7 +200,7 @@ def _train(cfg, out: Path, impl: Step, testbed, resume: bool, stop_after: int | 
     try:
         for step in range(start, stop):
             rng = np.random.default_rng([tc.seed, step])            # batch from (seed, step)
-            idx = sample_batch(split, tc.batch_size, rng)
+            idx = sample_batch(split, tc.batch_size, rng, tc.sampler)
             loss, grads = impl.loss_and_grads(params, split.images[idx], split.tokens[idx],
                                               split.eot[idx], mc)
             gnorm = impl.global_norm(grads)
@@ -386,7 +388,7 @@ def _main(parser, args, rest) -> int:
                 raise ValueError("--out DIR is required (or --resume DIR)")
             base = read_config_file(args.config) if args.config else None
             cfg = config_mod.make_config(overrides, preset=args.preset, base=base)
-            check_run_memory(cfg.data, cfg.model, cfg.train.batch_size)
+            check_run_memory(cfg.data, cfg.model, cfg.train.batch_size, cfg.train.sampler)
             out = Path(args.out)
     except (ValueError, OSError) as e:
         parser.print_usage(sys.stderr)

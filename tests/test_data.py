@@ -372,3 +372,33 @@ def test_main_help_names_defaults(capsys):
     for f in dataclasses.fields(TestbedConfig):
         assert f"--{f.name}" in out
     assert "(default: 15)" in out and "(default: 'left')" in out
+
+
+# ----------------------------------------------------------------------------- sampler="uniform"
+
+
+def test_uniform_sampler_draws_distinct_examples_with_repeated_captions():
+    from minispatial.data import sampler_cap
+    split = make_testbed(TestbedConfig()).splits["train"]
+    N = len(split)
+    assert sampler_cap(split, "uniform") == N and sampler_cap(split, "distinct") == split.n_scenes
+    repeats = 0
+    for seed in range(5):
+        idx = sample_batch(split, 128, np.random.default_rng([0, seed]), sampler="uniform")
+        assert idx.dtype == np.int64 and len(idx) == 128
+        assert len(set(idx.tolist())) == 128 and idx.min() >= 0 and idx.max() < N
+        repeats += 128 - len({split.captions[i] for i in idx})
+    assert repeats > 0                   # 128 of 4300 examples over 230 captions: repeats (false negatives)
+    for B in (N, N + 7):                 # capped at the split size: a permutation of it
+        idx = sample_batch(split, B, np.random.default_rng(1), sampler="uniform")
+        assert sorted(idx.tolist()) == list(range(N))
+
+
+def test_default_sampler_is_distinct_and_unknown_is_refused():
+    split = make_testbed(TestbedConfig()).splits["train"]
+    a = sample_batch(split, 128, np.random.default_rng([0, 3]))
+    b = sample_batch(split, 128, np.random.default_rng([0, 3]), sampler="distinct")
+    np.testing.assert_array_equal(a, b)
+    assert len(set(split.scene_key[a].tolist())) == 128
+    with pytest.raises(ValueError, match=r"sampler='iid'.*distinct.*uniform"):
+        sample_batch(split, 8, np.random.default_rng(0), sampler="iid")

@@ -144,8 +144,12 @@ def test_perfect_oracle_scores_one_everywhere(mode):
     for k, v in m.items():
         split, _, metric = k.partition(".")
         if metric.endswith("acc") or metric.startswith(("lr_acc", "labelset_acc")):
-            expect_nan = ((split == "val_single" and metric in ("lr_acc", "lr_acc_right", "labelset_acc"))
-                          or (split in ("val_seen_pair", "val_unseen_pair") and metric == "labelset_acc_single"))
+            by_label = metric.endswith("_labels")
+            expect_nan = ((split == "val_single" and metric in ("lr_acc", "lr_acc_right", "labelset_acc",
+                                                                 "lr_acc_recognised"))
+                          or (split in ("val_seen_pair", "val_unseen_pair")
+                              and (metric == "labelset_acc_single" or by_label))
+                          or metric == "i2t_acc_single_labels")   # SMALL: n_pair = n_labels - n_heldout
             assert math.isnan(v) if expect_nan else v == 1.0, (k, v)
         elif metric == "pos_cos":
             assert v == pytest.approx(1.0)
@@ -408,3 +412,96 @@ def test_main_random_bytes_get_our_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a minispatial checkpoint" in err and str(path) in err
     assert "pickle" not in err
+
+
+# ------------------------------------------------------------------------------- label groups, lr_acc_recognised
+
+def scene_oracle(n, remap):
+    """Perfect text tower; the image tower sees remap(a, b) -> (a', b') instead of the scene."""
+    return encoders(lambda im: onehot_scene(*remap(*image_scene(im)), n),
+                    lambda tk: onehot_scene(*text_scene(tk), n))
+
+
+GROUPS = ("i2t_acc_pair_labels", "i2t_acc_single_labels", "i2t_acc_heldout_labels")
+
+
+def test_i2t_by_label_group_on_oracles():
+    tb = small_testbed(n_pair=3)                 # pair labels 1..3, alone only 4..5, held out 6..8
+    n = tb.config.n_labels
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=perfect_oracle(n))
+    for s in ("train", "val_single"):
+        assert [m[f"{s}.{k}"] for k in GROUPS] == [1.0, 1.0, 1.0]
+    for s in ("val_seen_pair", "val_unseen_pair"):           # no one-object images: NaN
+        assert all(math.isnan(m[f"{s}.{k}"]) for k in GROUPS)
+    # single held-out images seen as label 1 and label-4 ones as label 5: those groups fail
+    def remap(a, b):
+        lone = b == 0
+        a = np.where(lone & (a >= 6), 1, np.where(lone & (a == 4), 5, a))
+        return a, b
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=scene_oracle(n, remap))
+    for s in ("train", "val_single"):
+        assert m[f"{s}.i2t_acc_pair_labels"] == 1.0
+        assert m[f"{s}.i2t_acc_single_labels"] == 0.5       # label 5 right, label 4 wrong, equal counts
+        assert m[f"{s}.i2t_acc_heldout_labels"] == 0.0
+    vs = tb.splits["val_single"]
+    assert m["val_single.i2t_acc"] == pytest.approx(np.mean(~np.isin(vs.labels[:, 0], [4, 6, 7, 8])))
+    # no label only ever alone (n_pair = n_labels - n_heldout): that group is NaN
+    m = ev.evaluate_all(PARAMS, small_testbed(), None, encoders=perfect_oracle(n))
+    assert math.isnan(m["val_single.i2t_acc_single_labels"]) and m["val_single.i2t_acc_heldout_labels"] == 1.0
+
+
+def test_lr_acc_recognised_on_oracles():
+    tb = small_testbed()
+    n = tb.config.n_labels
+    pair_splits = ("train", "val_seen_pair", "val_unseen_pair")
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=perfect_oracle(n))
+    assert all(m[f"{s}.lr_acc_recognised"] == 1.0 for s in pair_splits)
+    assert math.isnan(m["val_single.lr_acc_recognised"])      # no two-object images
+    # order-blind: every label set recognised, every order a tie
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=order_blind_oracle(n))
+    assert all(m[f"{s}.lr_acc_recognised"] == 0.5 for s in pair_splits)
+    # images with a > b seen as another label set: not recognised, their order a tie (0.5)
+    def swap_set(a, b):
+        bad = (b > 0) & (a > b)
+        return np.where(bad, a % n + 1, a), np.where(bad, b % n + 1, b)
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=scene_oracle(n, swap_set))
+    for s in pair_splits:
+        sp = tb.splits[s]
+        a, b = sp.labels[sp.is_pair, 0], sp.labels[sp.is_pair, 1]
+        good = np.mean(a < b)
+        assert m[f"{s}.labelset_acc"] == pytest.approx(good)
+        assert m[f"{s}.lr_acc"] == pytest.approx(good + 0.5 * (1 - good))
+        assert m[f"{s}.lr_acc_recognised"] == 1.0
+    # no image recognised: NaN
+    m = ev.evaluate_all(PARAMS, tb, None,
+                        encoders=scene_oracle(n, lambda a, b: (np.where(b > 0, a % n + 1, a), np.where(b > 0, b % n + 1, b))))
+    for s in pair_splits:
+        assert m[f"{s}.labelset_acc"] == 0.0 and m[f"{s}.lr_acc"] == 0.5
+        assert math.isnan(m[f"{s}.lr_acc_recognised"])
+
+
+def test_lr_acc_recognised_weights_ties_by_label_set_credit():
+    # an image whose label-set top-1 ties between its set and another earns half a recognition
+    tb = small_testbed()
+    n = tb.config.n_labels
+    P = n + 1
+
+    def img(im):
+        a, b = image_scene(im)
+        f = onehot_scene(a, b, n)
+        wrong = (b > 0) & (a > b)                 # tie own scene with another set, order lost
+        other_a, other_b = a % n + 1, b % n + 1
+        rows = np.flatnonzero(wrong)
+        f[rows] = 0.0
+        f[rows, other_a[rows] * P + other_b[rows]] = 1.0
+        f[rows, a[rows] * P + b[rows]] = 1.0
+        f[rows, b[rows] * P + a[rows]] = 1.0
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    m = ev.evaluate_all(PARAMS, tb, None, encoders=encoders(img, lambda tk: onehot_scene(*text_scene(tk), n)))
+    sp = tb.splits["val_unseen_pair"]
+    good = np.mean(sp.labels[sp.is_pair, 0] < sp.labels[sp.is_pair, 1])
+    # a < b: credit 1, lr 1; a > b: labelset credit 2/3 (a-b, b-a, other tie), lr tie 0.5
+    assert m["val_unseen_pair.labelset_acc"] == pytest.approx(good + (1 - good) * 2 / 3)
+    want = (good * 1.0 + (1 - good) * (2 / 3) * 0.5) / (good + (1 - good) * 2 / 3)
+    assert m["val_unseen_pair.lr_acc_recognised"] == pytest.approx(want)

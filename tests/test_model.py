@@ -440,3 +440,81 @@ def test_reference_and_fast_steps_agree(opts):
     for enc_ref, enc_fast, args in zip(ref.encoders, fast.encoders, ((images,), (tokens, eot))):
         np.testing.assert_allclose(enc_fast(params, *args, cfg), enc_ref(params, *args, cfg),
                                    rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# init="scaled": stds between the clip and torch schemes
+
+# sha256 over (name, bytes) of init_params(default config, seed 0), recorded before "scaled" existed
+INIT_DIGESTS = {"clip": "cb77c20d4162ba46cda8b5af9583a82bcffc5872712efc3c608f1ce990e52abc",
+                "torch": "951a20ea39f0c1179197427ae78a94cf16dea7ca0956bf9b1906f5ae52f3a0ee"}
+
+
+def _digest(params):
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in params.items():
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
+def _paper_model(**kw):
+    from minispatial.config import make_config
+    return dataclasses.replace(make_config().model, **kw)
+
+
+@pytest.mark.parametrize("init", ["clip", "torch"])
+def test_clip_and_torch_inits_unchanged(init):
+    assert _digest(init_params(_paper_model(init=init), 0)) == INIT_DIGESTS[init]
+
+
+def test_scaled_init_at_zero_is_bit_identical_to_clip():
+    assert _digest(init_params(_paper_model(init="scaled", init_scale=0.0), 0)) == INIT_DIGESTS["clip"]
+
+
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("extras", [{}, {"mlp": True, "layernorm": True, "proj_dim": 64}])
+def test_scaled_init_stds_follow_the_formula(a, extras):
+    from minispatial.model import init_std
+    cfg = _paper_model(init="scaled", init_scale=a, dtype="float64", **extras)
+    D, HD = cfg.d_model, cfg.n_heads * cfg.d_head
+    params = init_params(cfg, 1)
+    checked = 0
+    for name, arr in params.items():
+        leaf = name.rsplit(".", 1)[-1]
+        std = init_std(cfg, name)
+        if std is None:                                    # LayerNorm, logit_scale: as today
+            assert name == "logit_scale" or np.all(arr == (1.0 if leaf == "w" else 0.0))
+            continue
+        # the formula, written out per kind of tensor
+        if leaf in ("W_E", "W_pos", "class_embedding"):
+            clip = {"W_E": 0.02, "W_pos": 0.01, "class_embedding": D ** -0.5}[leaf]
+            want = clip ** (1 - a)
+        else:
+            fan_in = HD if leaf in ("W_O", "b_O") else cfg.d_mlp if leaf in ("W_out", "b_out") else D
+            torch_std = fan_in ** -0.5 / math.sqrt(3)
+            L = cfg.layers(name.split(".")[0])
+            clip = {"W_Q": D ** -0.5, "W_K": D ** -0.5, "W_V": D ** -0.5, "W_proj": D ** -0.5,
+                    "W_O": (D * 2 * L) ** -0.5, "W_out": (D * 2 * L) ** -0.5, "W_in": (2 * D) ** -0.5}.get(leaf)
+            want = a * torch_std if clip is None else clip ** (1 - a) * torch_std ** a
+        assert std == pytest.approx(want, rel=1e-12), name
+        if want == 0.0:
+            assert np.all(arr == 0.0), name
+            continue
+        n = arr.size                                       # sample std within 5 standard errors
+        assert abs(arr.std() / want - 1) < 5 / math.sqrt(2 * n), (name, arr.std(), want)
+        assert abs(arr.mean()) < 5 * want / math.sqrt(n), name
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf, "0.5", True, None])
+def test_init_scale_is_validated(bad):
+    with pytest.raises(ValueError, match=r"ModelConfig\.init_scale=.* finite number in \[0, 1\]"):
+        _paper_model(init="scaled", init_scale=bad)
+
+
+def test_unknown_init_names_the_choices():
+    with pytest.raises(ValueError, match=r"ModelConfig\.init='xavier'.*scaled"):
+        _paper_model(init="xavier")

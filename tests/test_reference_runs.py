@@ -203,8 +203,8 @@ def _lr_off_by_one(step, *args):
     return ORIG["lr_at"](step + 1, *args)
 
 
-def _batch_short_by_one(split, batch_size, rng):
-    return ORIG["sample_batch"](split, batch_size, rng)[:-1]
+def _batch_short_by_one(split, batch_size, rng, sampler="distinct"):
+    return ORIG["sample_batch"](split, batch_size, rng, sampler)[:-1]
 
 
 def _init_scaled(model_cfg, seed):

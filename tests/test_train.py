@@ -382,3 +382,26 @@ def test_the_step_flag_selects_the_implementation(tmp_path, capsys):
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "numpy"
     assert json.loads((out / "summary.json").read_text())["backend"] == "numpy"
+
+
+def test_uniform_sampler_trains_with_the_split_size_as_cap(tmp_path):
+    from minispatial.config import TrainConfig
+    assert TrainConfig().sampler == "distinct"
+    with pytest.raises(ValueError, match=r"TrainConfig\.sampler='iid' is invalid.*uniform"):
+        TrainConfig(sampler="iid")
+    cfg = small_cfg(sampler="uniform", batch_size=100000, steps=3, log_every=1)
+    tb = train.make_testbed(cfg.data)
+    train.check_batch(cfg, tb)
+    train.train(cfg, tmp_path / "run", verbose=False)
+    assert {r["batch"] for r in metrics(tmp_path / "run")} == {len(tb.splits["train"])}
+
+
+def test_uniform_sampler_check_batch_uses_the_examples_as_cap(monkeypatch):
+    from minispatial.data import Split
+    cfg = small_cfg(sampler="uniform")
+    tb = train.make_testbed(cfg.data)
+    s = tb.splits["train"]
+    tb.splits["train"] = Split.build([[1, 0]] * 3, [[0, -1], [1, -1], [2, -1]], [0, 0, 0], s.image_len, s.tokenizer)
+    train.check_batch(cfg, tb)                                       # 3 examples: a batch of 3
+    with pytest.raises(train.TrainingError, match=r"batch size is 1 .*1 distinct scenes"):
+        train.check_batch(small_cfg(), tb)
