@@ -42,4 +42,18 @@ c search.init.n_pair_15_vs_5        search/init/results.csv --metric $UNSEEN --c
 c search.init.torch_vs_chance       search/init/results.csv --metric $UNSEEN --contrast init=torch --vs_chance 0.5
 c search.clip_steps.steps_5000_vs_1500 search/clip_steps/results.csv --metric $UNSEEN --contrast steps=5000,1500
 
+# experiment 5: the regime map and the sweeps against the same contrast (regime.sh; 10 seeds)
+c regime.map.n_pair_15_vs_5         regime/map/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.map.n_pair_5_vs_chance     regime/map/results.csv --metric $UNSEEN --contrast n_pair=5 --vs_chance 0.5
+c regime.map.labelset.n_pair_15_vs_5 regime/map/results.csv --metric val_unseen_pair.labelset_acc --contrast n_pair=15,5
+c regime.map.recognised.n_pair_15_vs_5 regime/map/results.csv --metric val_unseen_pair.lr_acc_recognised --contrast n_pair=15,5
+c regime.budget.n_pair_15_vs_5      regime/budget/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.budget.n_pair_5_vs_chance  regime/budget/results.csv --metric $UNSEEN --contrast n_pair=5 --vs_chance 0.5
+c regime.budget.labelset.n_pair_15_vs_5 regime/budget/results.csv --metric val_unseen_pair.labelset_acc --contrast n_pair=15,5
+c regime.budget.recognised.n_pair_5 regime/budget/results.csv --metric val_unseen_pair.lr_acc_recognised --contrast n_pair=5
+c regime.sampler.n_pair_15_vs_5     regime/sampler/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.sampler.uniform_vs_distinct regime/sampler/results.csv --metric $UNSEEN --contrast sampler=uniform,distinct
+c regime.single_layouts.n_pair_15_vs_5 regime/single_layouts/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.n_labels.10_vs_20          regime/n_labels/results.csv --metric $UNSEEN --contrast n_labels=10,20
+
 echo "wrote $(ls contrasts/*.md | wc -l) tables to $(pwd)/contrasts/"

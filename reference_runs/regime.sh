@@ -23,3 +23,12 @@ sweep single_layouts --grid n_single_layout=1,2,5 --grid n_pair=5,15 \
   --init clip --lr 0.001 --steps 1500 --batch_size 128 "${BASE[@]}"
 sweep n_labels --grid n_labels=10,20 --n_pair 5 \
   --init clip --lr 0.001 --steps 1500 --batch_size 128 "${BASE[@]}"
+
+# 5. the mechanism where n_pair 15 generalises and 5 does not (a = 0.75, the map's budget)
+for np in 15 5; do
+  minispatial analyze regime/map/runs/init_scale=0.75__n_pair=${np}__seed=* \
+    --ablate none --ablate EP --ablate PE --ablate PP --ablate BP --ablate EP,VP --ablate VP \
+    --out analysis/full/regime_a075_n_pair${np}.json --plots analysis/figures_regime_a075_n_pair${np} \
+    > analysis/regime_a075_n_pair${np}.txt
+done
+# the paired contrasts of experiment 5: contrasts.sh (regime.*)

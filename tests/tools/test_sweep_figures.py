@@ -72,3 +72,17 @@ def test_replot_rebuilds_figures_from_results_csv_without_training(tmp_path, cap
                      "val_unseen_pair.lr_acc.png"]
     assert "4 figures" in capsys.readouterr().out
     assert cli.main(["--out", str(tmp_path / "missing"), "--replot"]) == 2
+
+
+def test_map_of_two_grid_keys(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"run": f"a={a}__n_pair={p}__seed={s}", "status": "ok", "a": str(a), "n_pair": str(p), "seed": str(s),
+             "val_unseen_pair.lr_acc": str(0.6 + 0.02 * p - 0.1 * a + 0.01 * s)}
+            for a in (0, 1) for p in (5, 15) for s in range(3)]
+    grid = {"a": ["0", "1"], "n_pair": ["5", "15"]}
+    path = figures.plot_map(rows, grid, tmp_path)
+    assert path.name == "map_val_unseen_pair.lr_acc.png"
+    w, h = png_size(path)
+    assert (w, h) == (round((1.3 * 2 + 2.5) * 110), round((0.8 * 2 + 1.8) * 110))
+    assert figures.plot_map(rows, {"a": ["0", "1"]}, tmp_path / "one_key") is None   # one key: no map
+    assert figures.plot_map([], grid, tmp_path / "no_rows") is None

@@ -161,14 +161,65 @@ def plot_generalisation(rows: list[dict], grid: dict[str, list[str]], fig_dir: P
     return path
 
 
+MAP_METRIC = "val_unseen_pair.lr_acc"
+
+
+def plot_map(rows: list[dict], grid: dict[str, list[str]], fig_dir: Path,
+             metric: str = MAP_METRIC) -> Path | None:
+    """With two or more grid keys: `metric` over the first two (x: the first, y: the second) as a
+    heat map of the mean over seeds (and over any further keys' values, which the title names),
+    each cell annotated with mean ± 95% t-interval and n -> map_<metric>.png, or None (matplotlib
+    missing, fewer than two keys, or no value)."""
+    keys = list(grid)
+    ok = [r for r in rows if r.get("status") == "ok" and is_finite(r.get(metric))]
+    if len(keys) < 2 or not ok:
+        return None
+    try:
+        plt = pyplot()
+    except ImportError:
+        return None
+    xk, yk = keys[0], keys[1]
+    xs, ys = grid[xk], grid[yk]
+    cells = {}
+    for y in ys:
+        for x in xs:
+            vals = [to_float(r[metric]) for r in ok if str(r.get(xk)) == x and str(r.get(yk)) == y]
+            cells[(x, y)] = mean_ci(vals)
+    fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
+    img = [[cells[(x, y)]["mean"] for x in xs] for y in ys]
+    im = ax.imshow(img, cmap="viridis", vmin=0.5, vmax=1.0, origin="lower", aspect="auto")
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            c = cells[(x, y)]
+            if c["n"]:
+                ci = "" if math.isnan(c["ci"]) else f" ± {c['ci']:.2f}"
+                ax.text(j, i, f"{c['mean']:.2f}{ci}\nn={c['n']}", ha="center", va="center", fontsize=7,
+                        color="white" if c["mean"] < 0.75 else "black")
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(xk)
+    ax.set_ylabel(yk)
+    rest = [k for k in keys[2:]]
+    ax.set_title(f"{metric}: mean ± 95% t-interval over seeds (chance 0.5)"
+                 + (f"\npooled over {', '.join(rest)}" if rest else ""), fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    path = fig_dir / f"map_{metric}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def all_figures(rows: list[dict], grid: dict[str, list[str]], fig_dir: Path) -> list[Path] | None:
-    """Every figure of a sweep: plot_figures' per-metric PNGs and generalisation.png -> the files
-    written, or None without matplotlib."""
+    """Every figure of a sweep: plot_figures' per-metric PNGs, generalisation.png and, with two or
+    more grid keys, the map of unseen-pair left-right accuracy (plot_map) -> the files written,
+    or None without matplotlib."""
     written = plot_figures(rows, grid, fig_dir)
     if written is None:
         return None
-    g = plot_generalisation(rows, grid, fig_dir)
-    return written + ([g] if g else [])
+    extra = [plot_generalisation(rows, grid, fig_dir), plot_map(rows, grid, fig_dir)]
+    return written + [p for p in extra if p]
 
 
 def replot(out: Path) -> list[Path] | None:
