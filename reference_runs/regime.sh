@@ -32,3 +32,14 @@ for np in 15 5; do
     > analysis/regime_a075_n_pair${np}.txt
 done
 # the paired contrasts of experiment 5: contrasts.sh (regime.*)
+
+# 6. epoch-matched training: the same passes over the training split instead of the same steps.
+#    Passes = steps x batch / N: n_pair 15 at 1500 steps x 128 / 4300 = 44.7; n_pair 5 (batch
+#    capped at its 40 scenes, N 500) at 1500 steps = 120. Matched: n_pair 5 at 558 steps (44.7
+#    passes) and n_pair 15 at 4031 steps (120 passes).
+sweep epochs_5 --grid n_pair=5 --grid steps=558,1500 --init clip --lr 0.001 --batch_size 128 "${BASE[@]}"
+sweep epochs_15 --grid n_pair=15 --grid steps=1500,4031 --init clip --lr 0.001 --batch_size 128 "${BASE[@]}"
+# 7. the unseen-pair definition: both labels held out (default) or one, at 10 seeds
+minispatial sweep --seeds "$SEEDS" --workers 2 --quiet --out regime/unseen_mode \
+  --grid unseen_mode=both,one --grid n_pair=5,15 --init clip --lr 0.001 --steps 1500 --batch_size 128 \
+  --n_layout 20 --weight_decay 0 --decay_embeddings false --embed_scale none
