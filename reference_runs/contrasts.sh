@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 mkdir -p contrasts
 PY=${PYTHON:-python}
 UNSEEN=val_unseen_pair.lr_acc
-c() { local out=$1; shift; "$PY" -m minispatial.tools.contrast "$@" --markdown > "contrasts/$out.md"; }
+c() { local out=$1; shift; "$PY" -m minispatial.tools.contrast "$@" --markdown > "contrasts/$out.md.tmp"; mv "contrasts/$out.md.tmp" "contrasts/$out.md"; }
 
 # experiment 1: label diversity (by unseen_mode): 15 vs 5, the rise 5 -> 7, flat after 7
 c label_diversity.n_pair_15_vs_5 label_diversity/results.csv --metric $UNSEEN --contrast n_pair=15,5
