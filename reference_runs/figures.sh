@@ -53,3 +53,12 @@ for np in 15 5; do
     --ablate none --ablate EP --ablate PE --ablate PP --ablate BP --ablate EP,VP --ablate VP --ablate POS,VP \
     --plots analysis/figures_torch_init_n_pair${np} > /dev/null
 done
+
+# (d) text order preference against the sign of the vision EP gradient (order_vs_ep.py), on the
+#     clip-init label-diversity runs of (b) and the regime runs of regime.sh part 5
+for np in 15 5; do
+  minispatial analyze "$TMP_SWEEP"/runs/n_pair=${np}__unseen_mode=both__seed=* --ablate none \
+    --out analysis/full/clip_order_n_pair${np}.json > /dev/null
+done
+python3 order_vs_ep.py analysis/full/clip_order_n_pair15.json analysis/full/clip_order_n_pair5.json \
+  analysis/full/regime_a075_n_pair15.json analysis/full/regime_a075_n_pair5.json > analysis/order_vs_ep.txt
