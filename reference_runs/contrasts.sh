@@ -56,5 +56,7 @@ c regime.sampler.uniform_vs_distinct regime/sampler/results.csv --metric $UNSEEN
 c regime.single_layouts.n_pair_15_vs_5 regime/single_layouts/results.csv --metric $UNSEEN --contrast n_pair=15,5
 c regime.n_labels.10_vs_20          regime/n_labels/results.csv --metric $UNSEEN --contrast n_labels=10,20
 c regime.unseen_mode.n_pair_15_vs_5 regime/unseen_mode/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.budget_long.n_pair_15_vs_5 regime/budget_long/results.csv --metric $UNSEEN --contrast n_pair=15,5
+c regime.budget_long.n_pair_5_vs_chance regime/budget_long/results.csv --metric $UNSEEN --contrast n_pair=5 --vs_chance 0.5
 
 echo "wrote $(ls contrasts/*.md | wc -l) tables to $(pwd)/contrasts/"

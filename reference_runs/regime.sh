@@ -43,3 +43,6 @@ sweep epochs_15 --grid n_pair=15 --grid steps=1500,4031 --init clip --lr 0.001 -
 minispatial sweep --seeds "$SEEDS" --workers 2 --quiet --out regime/unseen_mode \
   --grid unseen_mode=both,one --grid n_pair=5,15 --init clip --lr 0.001 --steps 1500 --batch_size 128 \
   --n_layout 20 --weight_decay 0 --decay_embeddings false --embed_scale none
+# 8. a longer budget where PyTorch-scale initialisations had not saturated: lr 3e-3 x 15000 steps
+sweep budget_long --grid init_scale=0.75,1 --grid n_pair=5,15 \
+  --init scaled --lr 0.003 --steps 15000 --batch_size 128 "${BASE[@]}"
